@@ -106,7 +106,9 @@ MOEKIT_API moekit_status moekit_qk_norm(moekit_tensor* q, moekit_tensor* k,
                                         const moekit_tensor* k_weight, float eps);
 
 /* Tensor-parallel QK-norm, step 1: per row, the sum of squares (f32) of this rank's slice of q
- * and k. q_sumsq/k_sumsq: [tokens] f32. The caller all-reduces them across ranks. */
+ * and k. q_sumsq/k_sumsq: [tokens] f32. The caller all-reduces them across ranks. Where kv heads
+ * are replicated (fewer kv heads than ranks), each distinct head must be counted once: reduce k
+ * over one rank per head, or divide the all-reduced k sum by the replication factor. */
 MOEKIT_API moekit_status moekit_qk_norm_partial_sumsq(const moekit_tensor* q,
                                                       const moekit_tensor* k,
                                                       moekit_tensor* q_sumsq,

@@ -1,0 +1,154 @@
+// The interface between the generic fused-MoE driver (moe_pipeline.cc) and the per-ISA
+// microkernels (moe_gemm_<isa>.cc), plus the MOEKIT_LAYOUT_VNNI weight layout they share.
+//
+// NOTE (pipeline): fused_moe_pipeline(uk, args) runs every step that does not depend on the ISA:
+//   1. align: the routed (token, slot) pairs are counting-sorted by local expert (experts
+//      ascending, pairs in (token, slot) order within an expert; map -1 skipped). Rows are
+//      compact (no padding rows); each expert's rows are cut into work segments of at most
+//      uk.block_m rows.
+//   2. A: hidden is used in place when its dtype is uk.a_dtype (and uk.pad_a is off), else it
+//      is converted once into the workspace ([M, vnni_padded_k(H)], zero padded, bf16 by RNE).
+//   3. The rows are processed in chunks of whole segments (at most kMoeChunkRows rows, so the
+//      intermediate buffer stays small); per chunk, inside one OpenMP region:
+//      gate_up phase: work items (segment, column tile of I, gate_up_n wide), dynamic schedule;
+//        uk.gate_up writes act = silu(x.w1) * (x.w3) for the tile, in uk.a_dtype.
+//      down phase: work items are column tiles of H (down_n wide); each item walks the chunk's
+//        segments in order and uk.down adds row_weight * (act.w2) into the f32 accumulator row
+//        of each row's token. Each output element has exactly one writer, and the order of its
+//        additions is the row order of the alignment, whatever the thread count: the result is
+//        bit-identical for any number of threads, with no atomics.
+//   4. The last chunk's down items write their columns of out (f32 accumulates in place; bf16
+//      output is accumulated in an f32 workspace buffer and rounded once, RNE).
+// Decode (few rows) gets parallelism from the column tiles: every active expert's weights are
+// split across all threads.
+//
+// NOTE (VNNI layout): a matrix W [N][K] (N outputs, K the reduction) is stored as panels of
+// kMoePanelN = 16 consecutive outputs. N is padded to a multiple of 16 and K to a multiple of
+// kMoePanelK = 32 with zeros. Within panel p (outputs 16p..16p+15), elements are grouped in
+// 32-bit words along K: for bf16, word (kk, n) = {W[16p+n][2kk], W[16p+n][2kk+1]} at bf16 index
+// kk*32 + n*2 + i (the pairing _mm512_dpbf16_ps and TDPBF16PS want; 16 consecutive kk rows form
+// one AMX B tile); for f32, W[16p+n][kk] at index kk*16 + n. Panels are consecutive, so the tile
+// of columns [n0, n0+n) (n0 a multiple of 16) starts at panel n0/16 and a kernel streams it
+// linearly. w1, w3 and w2 of every expert are packed alike.
+#ifndef MOEKIT_KERNELS_MOE_MOE_MICROKERNEL_H_
+#define MOEKIT_KERNELS_MOE_MOE_MICROKERNEL_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/moe/moe.h"
+
+namespace moekit {
+
+constexpr int64_t kMoePanelN = 16;  // outputs per packed panel
+constexpr int64_t kMoePanelK = 32;  // K is padded to a multiple of this
+// Rows of one chunk of the pipeline (bounds the intermediate buffer, see moe_workspace_size).
+constexpr int64_t kMoeChunkRows = 4096;
+// Widest column tile a microkernel may ask for (bounds the per-thread scratch).
+constexpr int64_t kMoeMaxTileN = 64;
+
+inline int64_t vnni_padded_k(int64_t K) { return (K + kMoePanelK - 1) / kMoePanelK * kMoePanelK; }
+inline int64_t vnni_padded_n(int64_t N) { return (N + kMoePanelN - 1) / kMoePanelN * kMoePanelN; }
+// Bytes of one panel (16 outputs x padded K) of a `dtype` matrix (F32 or BF16).
+inline size_t vnni_panel_bytes(int64_t K, moekit_dtype dtype) {
+  return static_cast<size_t>(vnni_padded_k(K) * kMoePanelN) * (dtype == MOEKIT_F32 ? 4 : 2);
+}
+inline size_t vnni_matrix_bytes(int64_t N, int64_t K, moekit_dtype dtype) {
+  return static_cast<size_t>(vnni_padded_n(N) / kMoePanelN) * vnni_panel_bytes(K, dtype);
+}
+// Packs row-major src [N][K] (F32 or BF16, row stride K) into the VNNI layout at dst
+// (vnni_matrix_bytes(N, K, dtype) bytes), and reads row n back as f32.
+void vnni_pack_matrix(const void* src, moekit_dtype dtype, int64_t N, int64_t K, void* dst);
+void vnni_decode_row(const void* packed, moekit_dtype dtype, int64_t K, int64_t n, float* out);
+
+// gate_up microkernel call: for r < m, c < n:
+//   gate = sum_k A[r][k] * W1[n0+c][k],  up = sum_k A[r][k] * W3[n0+c][k]  (f32 accumulation)
+//   act[r * ld_act + c] = silu(gate) * up, stored as uk.a_dtype (bf16 rounded to nearest even).
+// Row r of A is (a_dtype*)a + a_rows[r] * lda; exactly K elements of it are read (unless the
+// kernel sets pad_a, see MoeMicrokernel). w1/w3 point at the tile's first panel (what
+// uk.weight_tile returned). Only the n columns of each act row are written.
+struct MoeGateUpCall {
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const int32_t* a_rows = nullptr;
+  int64_t m = 0;  // rows, >= 1 (at most uk.block_m)
+  int64_t K = 0;  // H
+  const void* w1 = nullptr;
+  const void* w3 = nullptr;
+  int64_t n = 0;  // columns, 1..uk.gate_up_n
+  void* act = nullptr;
+  int64_t ld_act = 0;
+  void* scratch = nullptr;  // per-thread scratch for the kernel's own use
+  size_t scratch_bytes = 0;
+};
+
+// down microkernel call: for r < m (in increasing order), c < n:
+//   out[out_rows[r] * ld_out + c] += row_weight[r] * sum_k act[r * ld_act + k] * W2[n0+c][k]
+// act rows are consecutive (stride ld_act, uk.a_dtype, K = I); exactly K elements of each row
+// are read (pad_a kernels may read up to vnni_padded_k(K): the driver zeroes those columns, and
+// vnni_padded_n(m) rows are readable). Rows of one call may share a token; their additions
+// happen in row order.
+struct MoeDownCall {
+  const void* act = nullptr;
+  int64_t ld_act = 0;
+  int64_t m = 0;  // rows, >= 1, any count
+  int64_t K = 0;  // I
+  const void* w2 = nullptr;
+  int64_t n = 0;  // columns, 1..uk.down_n
+  const float* row_weight = nullptr;
+  float* out = nullptr;  // already offset to column n0
+  int64_t ld_out = 0;
+  const int32_t* out_rows = nullptr;
+  void* scratch = nullptr;
+  size_t scratch_bytes = 0;
+};
+
+// One fused-MoE implementation: a layout, tile sizes and two microkernels. The fused_moe table
+// wraps it as {name, level, [](a) { return fused_moe_pipeline_supports(uk, a); },
+// [](a) { fused_moe_pipeline(uk, a); }}.
+struct MoeMicrokernel {
+  const char* name;
+  moekit_dtype weight_dtype;   // the handle's dtype this kernel reads
+  moekit_pack_layout layout;   // the handle's layout this kernel reads
+  moekit_dtype a_dtype;        // activations and intermediate: MOEKIT_BF16 or MOEKIT_F32
+  bool pad_a;                  // A rows need stride >= vnni_padded_k(K) with zero padding
+  int64_t block_m;             // most rows of one gate_up work item
+  int64_t gate_up_n;           // columns of I per gate_up item (multiple of 16, <= kMoeMaxTileN)
+  int64_t down_n;              // columns of H per down item (multiple of 16, <= kMoeMaxTileN)
+  // The packed tile of columns [n0, n0+n) of matrix `which` of expert e, as the microkernels
+  // read it: a pointer into the handle (vnni_weight_tile), or a tile decoded into `scratch`
+  // (moe_tile_scratch_bytes(K) bytes, per thread; e.g. FP8 dequantized to bf16 panels).
+  const void* (*weight_tile)(const moekit_experts& w, int64_t e, ExpertMatrix which, int64_t n0,
+                             int64_t n, void* scratch);
+  void (*gate_up)(const MoeGateUpCall& call);
+  void (*down)(const MoeDownCall& call);
+  // Optional (may be null): run by each thread on entering / leaving the parallel region
+  // (e.g. AMX tile configuration and release).
+  void (*thread_begin)();
+  void (*thread_end)();
+};
+
+// weight_tile for handles in the VNNI layout: a pointer into the handle, no copy.
+const void* vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatrix which, int64_t n0,
+                             int64_t n, void* scratch);
+
+// Per-thread scratch the driver hands out: two weight tiles (w1 and w3) of kMoeMaxTileN columns
+// of K = max(H, I), 4 bytes each, and the same again for the kernel's own `scratch`.
+size_t moe_tile_scratch_bytes(int64_t K);
+
+// nullptr when the pipeline with `uk` can serve `a` (layout, dtypes), else why not.
+const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a);
+void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a);
+
+// The microkernels of this family (each defined in its ISA's translation unit).
+const MoeMicrokernel& moe_microkernel_bf16_avx512bf16();
+const MoeMicrokernel& moe_microkernel_bf16_avx512();
+const MoeMicrokernel& moe_microkernel_f32_avx512();
+const MoeMicrokernel& moe_microkernel_bf16_avx2();
+const MoeMicrokernel& moe_microkernel_f32_avx2();
+const MoeMicrokernel& moe_microkernel_bf16_scalar();
+const MoeMicrokernel& moe_microkernel_f32_scalar();
+
+}  // namespace moekit
+
+#endif  // MOEKIT_KERNELS_MOE_MOE_MICROKERNEL_H_

@@ -1,0 +1,6 @@
+# Source files of the moe family (included by kernels/kernels.cmake).
+list(APPEND MOEKIT_SOURCES kernels/moe/fp8_convert.cc)
+moekit_isa_sources(avx2 kernels/moe/fp8_convert_avx2.cc)
+moekit_isa_sources(avx512 kernels/moe/fp8_convert_avx512.cc)
+list(APPEND MOEKIT_SOURCES kernels/moe/moe_pack_amx.cc)
+moekit_isa_sources(amx kernels/moe/moe_gemm_amx.cc)

@@ -1,0 +1,93 @@
+// AMX-BF16 building blocks of the blockwise expert matmul: the MOEKIT_LAYOUT_AMX weight layout,
+// the per-thread tile state, and GEMM microkernels with the fused-MoE epilogues.
+//
+// NOTE (layout): a weight matrix W [N][K] (N outputs, K the reduction) is stored as 1 KiB tiles
+// ready for tileloadd: N is padded to a multiple of 16 (kAmxTileN), K to a multiple of 32
+// (kAmxTileK), and tile (nb, kb) holds W[16nb + n][32kb + 2p + i] at bf16 index p*32 + n*2 + i
+// (16 rows of K-pairs, each row 16 columns of 2 bf16: the VNNI pairing TDPBF16PS wants). The
+// tiles of one column block are consecutive along K, so a kernel streams each column block
+// linearly; padding is zero. w1 and w3 are packed alike, so one pass over column block nb of
+// both yields matching gate and up columns.
+//
+// NOTE (tiles): the kernels use palette 1 with all eight tiles 16 rows x 64 bytes: C0..C3 f32
+// accumulators (2 row tiles x 2 column tiles = 32x32 outputs), A0..A1 (16 rows x 32 bf16 of the
+// activations), B0..B1 (two weight tiles). The configuration is per thread: the kernels load it
+// on first use and AmxTileScope releases it (tilerelease) when the top-level call leaves the
+// thread, so the caller never inherits our tile state.
+//
+// This header contains no intrinsics; it may be included anywhere. The functions below marked
+// "AMX" may only be called when the effective level is MOEKIT_ISA_AMX.
+#ifndef MOEKIT_KERNELS_MOE_MOE_AMX_H_
+#define MOEKIT_KERNELS_MOE_MOE_AMX_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moekit/moekit.h"
+
+namespace moekit {
+
+constexpr int64_t kAmxTileM = 16;  // rows of an A or C tile
+constexpr int64_t kAmxTileK = 32;  // bf16 values per A tile row (64 bytes)
+constexpr int64_t kAmxTileN = 16;  // columns of a B or C tile
+constexpr int64_t kAmxTileElems = kAmxTileK * kAmxTileN;  // bf16 values per B tile (1 KiB)
+
+inline int64_t amx_padded_k(int64_t k) { return (k + kAmxTileK - 1) / kAmxTileK * kAmxTileK; }
+inline int64_t amx_padded_n(int64_t n) { return (n + kAmxTileN - 1) / kAmxTileN * kAmxTileN; }
+inline int64_t amx_padded_m(int64_t m) { return (m + kAmxTileM - 1) / kAmxTileM * kAmxTileM; }
+
+// ---- layout (plain C++, any CPU) ----------------------------------------------------------
+
+// Bytes of one packed [N][K] matrix.
+inline size_t amx_packed_bytes(int64_t n, int64_t k) {
+  return static_cast<size_t>(amx_padded_n(n) * amx_padded_k(k)) * 2;
+}
+// Packs row-major `src` ([n][k], row stride k; F32 rounded to bf16, or BF16) into `dst`
+// (amx_packed_bytes(n, k) bytes).
+void amx_pack_matrix(const void* src, moekit_dtype dtype, int64_t n, int64_t k, uint16_t* dst);
+// Row `row` of a packed [n][k] matrix, as f32 (k values).
+void amx_decode_row(const uint16_t* packed, int64_t k, int64_t row, float* out);
+
+// ---- tile state (AMX) ---------------------------------------------------------------------
+
+// Loads the tile configuration on this thread if it is not loaded yet.
+void amx_tile_configure();
+// Releases the tile state of this thread if this library configured it.
+void amx_tile_release();
+
+// Configures on construction, releases on destruction: put one in each thread of a top-level
+// call (inside the OpenMP parallel region).
+class AmxTileScope {
+ public:
+  AmxTileScope() { amx_tile_configure(); }
+  ~AmxTileScope() { amx_tile_release(); }
+  AmxTileScope(const AmxTileScope&) = delete;
+  AmxTileScope& operator=(const AmxTileScope&) = delete;
+};
+
+// ---- microkernels (AMX) -------------------------------------------------------------------
+// Activations `a` are bf16 rows with stride a_stride (elements, >= amx_padded_k(K)); the columns
+// [K, amx_padded_k(K)) must be zero (0 * NaN would poison the sums), and amx_padded_m(rows) rows
+// must be readable (rows past `rows` are computed and discarded). Each call configures the tiles
+// if needed; the caller releases them (AmxTileScope).
+
+// c[m][n] = sum_k a[m][k] * W[n][k] in f32, for m < rows, n < N (c_stride elements).
+void amx_gemm_bf16(const uint16_t* a, int64_t a_stride, int64_t rows, const uint16_t* w_packed,
+                   int64_t N, int64_t K, float* c, int64_t c_stride);
+
+// act[m][i] = bf16(silu(x_m . w1_i) * (x_m . w3_i)) for i < I; act columns [I, amx_padded_k(I))
+// are written as zero so that `act` can feed amx_down_weighted directly. x: [rows][H]; act holds
+// amx_padded_m(rows) rows, all written.
+void amx_gate_up_silu(const uint16_t* x, int64_t x_stride, int64_t rows, const uint16_t* w1_packed,
+                      const uint16_t* w3_packed, int64_t I, int64_t H, uint16_t* act,
+                      int64_t act_stride);
+
+// For each row m < rows with dst[m] != nullptr: dst[m][h] (+)= row_weight[m] * (act_m . w2_h)
+// for h < H; accumulate selects += over =. act: [rows][I].
+void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
+                       const uint16_t* w2_packed, int64_t H, int64_t I, const float* row_weight,
+                       float* const* dst, bool accumulate);
+
+}  // namespace moekit
+
+#endif  // MOEKIT_KERNELS_MOE_MOE_AMX_H_

@@ -1,0 +1,242 @@
+// AMX-BF16 microkernels of the blockwise expert matmul (compiled with the amx flags; called only
+// when the effective level is MOEKIT_ISA_AMX). Layout and tile assignment: see moe_amx.h.
+//
+// NOTE: each kernel walks the output in steps of up to 32 rows x 2 column tiles. A step zeroes
+// the (up to) four f32 accumulator tiles, runs the whole reduction (one A tile per 16 rows and
+// one B tile per column tile per 32 values of K, then the 2x2 TDPBF16PS products), and stores
+// the accumulators to a 4 KiB stack scratch from which an AVX-512 epilogue writes the result:
+// plain f32 (amx_gemm_bf16), SiLU(gate)*up rounded to bf16 (amx_gate_up_silu, whose two column
+// tiles are the same columns of w1 and w3), or weight * result stored or added into per-row
+// destinations (amx_down_weighted). Column steps are the outer loop, so each weight column
+// block is read from memory once per call and the 32-row steps reuse it from cache.
+// GCC 12's AVX-512 intrinsics seed their pass-through operand with _mm512_undefined_ps(), which
+// -Wmaybe-uninitialized reports once inlined; the warning is about the header, not this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "dispatch/cpu_features.h"
+#include "kernels/moe/moe_amx.h"
+
+namespace moekit {
+namespace {
+
+// Tile register numbers (the intrinsics take them as literals).
+//   0..3: C[row tile][column tile] = C00 C01 C10 C11; 4, 5: A rows 0-15 / 16-31; 6, 7: B tiles.
+constexpr int kStepRows = 2 * kAmxTileM;  // 32
+constexpr int kStepCols = 2 * kAmxTileN;  // 32
+constexpr long kTileRowBytes = 64;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+TileConfig make_tile_config() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = kTileRowBytes;
+    cfg.rows[t] = kAmxTileM;
+  }
+  return cfg;
+}
+
+thread_local bool t_tiles_configured = false;
+
+// GCC's tileloadd asm does not tell the compiler that it reads memory; a compiler barrier makes
+// sure earlier stores to the buffers it loads have been emitted.
+inline void compiler_barrier() { asm volatile("" ::: "memory"); }
+
+// One output step: c (row stride kStepCols floats) = A[rows of kRowTiles tiles] x B tiles.
+// a: first row of the step; b0/b1: the first tile of each weight column block.
+template <int kRowTiles, int kColTiles>
+inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, const uint16_t* b1,
+                      int64_t k_blocks, float* c) {
+  const long a_bytes = static_cast<long>(a_stride) * 2;
+  const uint16_t* a1 = a + kAmxTileM * a_stride;
+  _tile_zero(0);
+  if constexpr (kColTiles == 2) _tile_zero(1);
+  if constexpr (kRowTiles == 2) _tile_zero(2);
+  if constexpr (kRowTiles == 2 && kColTiles == 2) _tile_zero(3);
+  for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    _tile_loadd(4, a + kb * kAmxTileK, a_bytes);
+    _tile_loadd(6, b0 + kb * kAmxTileElems, kTileRowBytes);
+    if constexpr (kColTiles == 2) _tile_loadd(7, b1 + kb * kAmxTileElems, kTileRowBytes);
+    if constexpr (kRowTiles == 2) _tile_loadd(5, a1 + kb * kAmxTileK, a_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kColTiles == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kRowTiles == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (kRowTiles == 2 && kColTiles == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  constexpr long kCBytes = kStepCols * 4;
+  _tile_stored(0, c, kCBytes);
+  if constexpr (kColTiles == 2) _tile_stored(1, c + kAmxTileN, kCBytes);
+  if constexpr (kRowTiles == 2) _tile_stored(2, c + kAmxTileM * kStepCols, kCBytes);
+  if constexpr (kRowTiles == 2 && kColTiles == 2)
+    _tile_stored(3, c + kAmxTileM * kStepCols + kAmxTileN, kCBytes);
+}
+
+void run_step(int row_tiles, int col_tiles, const uint16_t* a, int64_t a_stride,
+              const uint16_t* b0, const uint16_t* b1, int64_t k_blocks, float* c) {
+  if (row_tiles == 2) {
+    if (col_tiles == 2)
+      tile_step<2, 2>(a, a_stride, b0, b1, k_blocks, c);
+    else
+      tile_step<2, 1>(a, a_stride, b0, b1, k_blocks, c);
+  } else {
+    if (col_tiles == 2)
+      tile_step<1, 2>(a, a_stride, b0, b1, k_blocks, c);
+    else
+      tile_step<1, 1>(a, a_stride, b0, b1, k_blocks, c);
+  }
+}
+
+// Mask of the first n (0..16) lanes.
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// exp(x) for x clamped to [-88, 88]: 2^n * p(r), r = x - n ln2, |r| <= ln2/2, p the degree-6
+// Taylor polynomial (relative error ~1e-7). NaN becomes a finite value; callers keep NaN alive
+// through the other factor.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) * u = g / (1 + exp(-g)) * u.
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+inline void store_bf16x16(uint16_t* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+}  // namespace
+
+void amx_tile_configure() {
+  if (t_tiles_configured) return;
+  static const TileConfig config = [] {
+    (void)cpu_features();  // makes sure this process has asked Linux for the tile state
+    return make_tile_config();
+  }();
+  _tile_loadconfig(&config);
+  t_tiles_configured = true;
+}
+
+void amx_tile_release() {
+  if (!t_tiles_configured) return;
+  _tile_release();
+  t_tiles_configured = false;
+}
+
+void amx_gemm_bf16(const uint16_t* a, int64_t a_stride, int64_t rows, const uint16_t* w_packed,
+                   int64_t N, int64_t K, float* c, int64_t c_stride) {
+  amx_tile_configure();
+  compiler_barrier();
+  const int64_t k_blocks = amx_padded_k(K) / kAmxTileK;
+  const int64_t n_blocks = amx_padded_n(N) / kAmxTileN;
+  alignas(64) float scratch[kStepRows * kStepCols];
+  for (int64_t nb = 0; nb < n_blocks; nb += 2) {
+    const int col_tiles = nb + 1 < n_blocks ? 2 : 1;
+    const uint16_t* b0 = w_packed + nb * k_blocks * kAmxTileElems;
+    const uint16_t* b1 = b0 + k_blocks * kAmxTileElems;
+    const int64_t n0 = nb * kAmxTileN;
+    for (int64_t m0 = 0; m0 < rows; m0 += kStepRows) {
+      const int row_tiles = rows - m0 > kAmxTileM ? 2 : 1;
+      run_step(row_tiles, col_tiles, a + m0 * a_stride, a_stride, b0, b1, k_blocks, scratch);
+      const int64_t step_rows = rows - m0 < kStepRows ? rows - m0 : kStepRows;
+      for (int64_t r = 0; r < step_rows; ++r)
+        for (int t = 0; t < col_tiles; ++t) {
+          const int64_t n = n0 + t * kAmxTileN;
+          if (n >= N) break;
+          _mm512_mask_storeu_ps(c + (m0 + r) * c_stride + n, first_lanes(N - n),
+                                _mm512_load_ps(scratch + r * kStepCols + t * kAmxTileN));
+        }
+    }
+  }
+}
+
+void amx_gate_up_silu(const uint16_t* x, int64_t x_stride, int64_t rows, const uint16_t* w1_packed,
+                      const uint16_t* w3_packed, int64_t I, int64_t H, uint16_t* act,
+                      int64_t act_stride) {
+  amx_tile_configure();
+  compiler_barrier();
+  const int64_t k_blocks = amx_padded_k(H) / kAmxTileK;
+  const int64_t n_blocks = amx_padded_n(I) / kAmxTileN;
+  const int64_t padded_rows = amx_padded_m(rows);
+  alignas(64) float scratch[kStepRows * kStepCols];
+  for (int64_t nb = 0; nb < n_blocks; ++nb) {
+    const uint16_t* gate = w1_packed + nb * k_blocks * kAmxTileElems;
+    const uint16_t* up = w3_packed + nb * k_blocks * kAmxTileElems;
+    for (int64_t m0 = 0; m0 < padded_rows; m0 += kStepRows) {
+      const int row_tiles = padded_rows - m0 > kAmxTileM ? 2 : 1;
+      run_step(row_tiles, 2, x + m0 * x_stride, x_stride, gate, up, k_blocks, scratch);
+      // Padded weight rows are zero, so columns past I come out as silu(0) * 0 = 0.
+      for (int64_t r = 0; r < row_tiles * kAmxTileM; ++r)
+        store_bf16x16(act + (m0 + r) * act_stride + nb * kAmxTileN,
+                      silu_mul(_mm512_load_ps(scratch + r * kStepCols),
+                               _mm512_load_ps(scratch + r * kStepCols + kAmxTileN)));
+    }
+  }
+  // The down GEMM reduces over amx_padded_k(I) columns; clear the ones no tile wrote.
+  const int64_t written = n_blocks * kAmxTileN, needed = amx_padded_k(I);
+  for (int64_t r = 0; r < padded_rows && written < needed; ++r)
+    for (int64_t i = written; i < needed; ++i) act[r * act_stride + i] = 0;
+}
+
+void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
+                       const uint16_t* w2_packed, int64_t H, int64_t I, const float* row_weight,
+                       float* const* dst, bool accumulate) {
+  amx_tile_configure();
+  compiler_barrier();
+  const int64_t k_blocks = amx_padded_k(I) / kAmxTileK;
+  const int64_t n_blocks = amx_padded_n(H) / kAmxTileN;
+  alignas(64) float scratch[kStepRows * kStepCols];
+  for (int64_t nb = 0; nb < n_blocks; nb += 2) {
+    const int col_tiles = nb + 1 < n_blocks ? 2 : 1;
+    const uint16_t* b0 = w2_packed + nb * k_blocks * kAmxTileElems;
+    const uint16_t* b1 = b0 + k_blocks * kAmxTileElems;
+    const int64_t n0 = nb * kAmxTileN;
+    for (int64_t m0 = 0; m0 < rows; m0 += kStepRows) {
+      const int row_tiles = rows - m0 > kAmxTileM ? 2 : 1;
+      run_step(row_tiles, col_tiles, act + m0 * act_stride, act_stride, b0, b1, k_blocks,
+               scratch);
+      const int64_t step_rows = rows - m0 < kStepRows ? rows - m0 : kStepRows;
+      for (int64_t r = 0; r < step_rows; ++r) {
+        float* out = dst[m0 + r];
+        if (out == nullptr) continue;
+        const __m512 weight = _mm512_set1_ps(row_weight[m0 + r]);
+        for (int t = 0; t < col_tiles; ++t) {
+          const int64_t n = n0 + t * kAmxTileN;
+          if (n >= H) break;
+          const __mmask16 mask = first_lanes(H - n);
+          __m512 v = _mm512_mul_ps(weight, _mm512_load_ps(scratch + r * kStepCols + t * kAmxTileN));
+          if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out + n), v);
+          _mm512_mask_storeu_ps(out + n, mask, v);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace moekit

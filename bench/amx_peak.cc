@@ -1,0 +1,39 @@
+// AMX-BF16 register peak loop (see amx_peak.h). Six accumulators C0..C5 against one A tile (6)
+// and one B tile (7): six independent dependency chains hide the TDPBF16PS latency, so the loop
+// runs at the instruction's throughput.
+#include "bench/amx_peak.h"
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels/moe/moe_amx.h"
+
+namespace moekit_bench {
+
+double amx_bf16_peak_loop(int64_t iterations) {
+  constexpr double kFlopsPerTile = 2.0 * 16 * 16 * 32;
+  constexpr int kChains = 6;
+  alignas(64) static const uint16_t kOnes[16 * 32] = {};  // zeros: values do not matter
+  moekit::amx_tile_configure();  // palette 1, all tiles 16 rows x 64 bytes
+  _tile_loadd(6, kOnes, 64);
+  _tile_loadd(7, kOnes, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  for (int64_t i = 0; i < iterations; ++i) {
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_dpbf16ps(4, 6, 7);
+    _tile_dpbf16ps(5, 6, 7);
+  }
+  moekit::amx_tile_release();
+  return kFlopsPerTile * kChains * static_cast<double>(iterations);
+}
+
+}  // namespace moekit_bench

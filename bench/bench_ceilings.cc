@@ -1,0 +1,95 @@
+// The machine's ceilings, measured in-process beside each other: the AMX-BF16 register peak
+// (TDPBF16PS on loaded tiles, per thread and on all threads), one large oneDNN bf16 matmul
+// (4096^3, the practical compute ceiling a library reaches), and BM_StreamingRead (the memory
+// ceiling, from bench_util.cc). Kernel benchmarks quote their FLOP/s and bytes/s against these.
+// AMX entries report themselves skipped on CPUs without AMX.
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <dnnl.hpp>
+#include <string>
+#include <unordered_map>
+
+#include "bench/amx_peak.h"
+#include "bench/bench_util.h"
+#include "dispatch/runtime.h"
+#include "moekit/moekit.h"
+
+namespace {
+
+bool have_amx() { return moekit_detected_isa() >= MOEKIT_ISA_AMX; }
+
+// Rounds of six TDPBF16PS per thread per benchmark iteration (~25 ms at 16 cycles each, 2 GHz).
+constexpr int64_t kPeakRounds = 500000;
+
+void BM_AmxBf16Peak(benchmark::State& state) {
+  if (!have_amx()) {
+    state.SkipWithError(("skipped: needs amx, this CPU has " +
+                         std::string(moekit_isa_name(moekit_detected_isa())))
+                            .c_str());
+    return;
+  }
+  const int threads = static_cast<int>(state.range(0));
+  double flops = 0;
+  for (auto _ : state) {
+    double done = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : done)
+    done += moekit_bench::amx_bf16_peak_loop(kPeakRounds);
+    flops += done;
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+BENCHMARK(BM_AmxBf16Peak)
+    ->Arg(1)
+    ->Arg(moekit::num_threads())
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+// oneDNN matmul dst[M][N] (f32) = src[M][K] (bf16) x weights[K][N] (bf16), the weights
+// reordered once into the layout oneDNN prefers (as a packed inference weight would be).
+void BM_OnednnMatmulBf16(benchmark::State& state) {
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  const int64_t n = state.range(0);
+  const int threads = moekit::num_threads();
+  omp_set_num_threads(threads);
+  try {
+    dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+    dnnl::stream stream(engine);
+    const dnnl::memory::dims src_dims = {n, n}, wei_dims = {n, n}, dst_dims = {n, n};
+    dnnl::memory::desc src_md(src_dims, dt::bf16, tag::ab);
+    dnnl::memory::desc wei_any(wei_dims, dt::bf16, tag::any);
+    dnnl::memory::desc wei_plain(wei_dims, dt::bf16, tag::ab);
+    dnnl::memory::desc dst_md(dst_dims, dt::f32, tag::ab);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_any, dst_md), engine);
+    dnnl::memory src(src_md, engine), wei_src(wei_plain, engine), wei(pd.weights_desc(), engine),
+        dst(dst_md, engine);
+    const auto values = moekit_bench::random_bf16(static_cast<size_t>(n * n), 1);
+    std::copy(values.begin(), values.end(), static_cast<uint16_t*>(src.get_data_handle()));
+    std::copy(values.begin(), values.end(), static_cast<uint16_t*>(wei_src.get_data_handle()));
+    dnnl::reorder(wei_src, wei).execute(stream, wei_src, wei);
+    dnnl::matmul matmul(pd);
+    const std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+    matmul.execute(stream, args);  // warm-up: JIT and first touch
+    stream.wait();
+    for (auto _ : state) {
+      matmul.execute(stream, args);
+      stream.wait();
+    }
+    state.SetLabel(pd.impl_info_str());
+  } catch (const dnnl::error& e) {
+    state.SkipWithError((std::string("oneDNN: ") + e.what()).c_str());
+    return;
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(
+      2.0 * static_cast<double>(n) * n * n * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+BENCHMARK(BM_OnednnMatmulBf16)->Arg(4096)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+}  // namespace

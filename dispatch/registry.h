@@ -32,6 +32,10 @@ template <class Args>
 const Impl<Args>& choose(const char* op, const ImplList<Args>& impls, const Args& args,
                          moekit_isa cap) {
   const bool log = debug_log_enabled();
+  if (force_reference()) {
+    if (log) debug_log(std::string(op) + ": chose " + impls.back().name + " (reference forced)");
+    return impls.back();
+  }
   for (const Impl<Args>& impl : impls) {
     if (impl.level > cap) {
       if (log)

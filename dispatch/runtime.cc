@@ -21,6 +21,7 @@ namespace {
 
 thread_local std::string t_last_error;
 thread_local bool t_query_only = false;
+thread_local bool t_force_reference = false;
 thread_local std::map<std::string, std::string> t_last_impl;
 
 // Cap from MOEKIT_ISA, read once. An unknown or unavailable value is reported and ignored,
@@ -172,6 +173,9 @@ void debug_log(const std::string& line) {
 
 bool query_only() { return t_query_only; }
 void set_query_only(bool on) { t_query_only = on; }
+
+bool force_reference() { return t_force_reference; }
+void set_force_reference(bool on) { t_force_reference = on; }
 
 void record_choice(const char* op, const char* impl_name) { t_last_impl[op] = impl_name; }
 

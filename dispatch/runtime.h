@@ -42,6 +42,10 @@ void debug_log(const std::string& line);  // "moekit: ..." on stderr
 bool query_only();
 void set_query_only(bool on);
 void record_choice(const char* op, const char* impl_name);
+// Test hook (internal, not in the C API): while on, choose() takes each table's reference on
+// this thread, so tests can check the oracle itself through the public entry points.
+bool force_reference();
+void set_force_reference(bool on);
 const char* last_choice(const char* op);  // "" when the op has not run on this thread
 
 }  // namespace moekit

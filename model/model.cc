@@ -301,6 +301,27 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
       d.block_n = c.block_n;
       d.block_k = c.block_k;
     }
+    std::vector<float> widened;
+    std::vector<const void*> widened_ptrs[3];
+    if (options.expert_precision == ExpertPrecision::kF32 && d.dtype != MOEKIT_F32) {
+      // Decode every matrix to f32 rows (the FP8 block rule as in load_matrix_into).
+      const size_t per_expert = static_cast<size_t>(3 * I * H);
+      widened.resize(static_cast<size_t>(E) * per_expert);
+      for (int64_t e = 0; e < E; ++e)
+        for (int i = 0; i < 3; ++i) {
+          const std::string name = moe + "experts." + std::to_string(e) + "." + kNames[i] + ".weight";
+          float* dst = widened.data() + e * per_expert + static_cast<size_t>(i * I * H);
+          const int64_t rows = i == 2 ? H : I, cols = i == 2 ? I : H;
+          load_matrix_into(ck, c, name, rows, cols, dst);
+          widened_ptrs[i].push_back(dst);
+        }
+      d.dtype = MOEKIT_F32;
+      d.w1 = widened_ptrs[0].data();
+      d.w3 = widened_ptrs[1].data();
+      d.w2 = widened_ptrs[2].data();
+      d.w1_scale = d.w3_scale = d.w2_scale = nullptr;
+      d.block_n = d.block_k = 0;
+    }
     check(moekit_experts_pack(&d, options.expert_layout, &layer.experts), "moekit_experts_pack");
     for (const TensorInfo* t : used) ck.release(*t);
     expert_dtype = d.dtype;
@@ -442,6 +463,21 @@ void Model::forward(const int32_t* ids, int64_t T, KvCache* cache, float* logits
   for (int64_t t = 0; t < T; ++t)
     std::memcpy(&x_[t * H], &embed_[static_cast<size_t>(ids[t]) * H], H * sizeof(float));
   record("hidden.embed", x_.data(), T, H, H);
+  if (trace) {
+    // The rotary tables as the fixture stores them: the rotary_dim / 2 frequencies twice.
+    const int64_t half = c.rotary_dim / 2, pos0 = cache->length_;
+    trace->f32["rope.inv_freq"] = inv_freq_;
+    std::vector<float>& cs = trace->f32["rope.cos"];
+    std::vector<float>& sn = trace->f32["rope.sin"];
+    cs.resize(static_cast<size_t>(T * 2 * half));
+    sn.resize(cs.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < 2 * half; ++i) {
+        const float angle = static_cast<float>(pos0 + t) * inv_freq_[i % half];
+        cs[t * 2 * half + i] = std::cos(angle);
+        sn[t * 2 * half + i] = std::sin(angle);
+      }
+  }
 
   moekit_tensor x = tensor2d(x_.data(), MOEKIT_F32, T, H, H);
   moekit_tensor a = tensor2d(a_.data(), MOEKIT_F32, T, H, H);

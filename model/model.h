@@ -17,9 +17,20 @@
 
 namespace moekit::m2 {
 
+// How expert weights are handed to moekit_experts_pack.
+enum class ExpertPrecision {
+  // As stored (bf16, or FP8 with block scales): the fast path. Kernels may then round
+  // activations to bf16 (avx512_bf16 / AMX), which moves logits by ~1e-2.
+  kCheckpoint,
+  // Widened / dequantized to f32 before packing: f32 math throughout, for checking against
+  // f32 references. Twice (bf16) or four times (FP8) the expert memory.
+  kF32,
+};
+
 struct LoadOptions {
   bool progress = false;  // a progress line on stderr while loading
   GemmBackend gemm = GemmBackend::kOpenBlas;
+  ExpertPrecision expert_precision = ExpertPrecision::kCheckpoint;
   moekit_pack_layout expert_layout = MOEKIT_LAYOUT_AUTO;
 };
 

@@ -36,6 +36,7 @@ void usage() {
       "  --seed S               sampling seed (default 0)\n"
       "  --threads N            kernel threads (default: physical cores)\n"
       "  --gemm openblas|onednn backend of the dense projections (default openblas)\n"
+      "  --f32-experts          widen expert weights to f32 before packing (f32 math, more memory)\n"
       "  --no-eos               do not stop at the config's EOS ids\n"
       "  --quiet                no progress or summary on stderr\n"
       "  --json                 one JSON object on stdout\n");
@@ -124,6 +125,8 @@ int main(int argc, char** argv) {
       if (g == "openblas") load.gemm = moekit::m2::GemmBackend::kOpenBlas;
       else if (g == "onednn") load.gemm = moekit::m2::GemmBackend::kOneDnn;
       else bad("--gemm: '" + g + "' is not openblas or onednn");
+    } else if (a == "--f32-experts") {
+      load.expert_precision = moekit::m2::ExpertPrecision::kF32;
     } else if (a == "--no-eos") {
       gen.stop_at_eos = false;
     } else if (a == "--quiet") {

@@ -1,0 +1,163 @@
+// Top-k routing and the fused router GEMM with AVX2 + FMA intrinsics: vector scoring arithmetic,
+// key building and selection filtering over 8 experts at a time, and a 3-token x 4-expert
+// dot-product GEMM tile. Tails run as scalar code so that nothing is read past an input's end.
+// The algorithm is in topk_route-inl.h.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+
+#include "dispatch/runtime.h"
+#include "kernels/topk/topk_kernels.h"
+
+namespace moekit {
+namespace topk_avx2 {
+
+// 4 vectors -> the 4 horizontal sums, in one xmm.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Masks of lanes for partial vectors (AVX2 maskload never touches a masked-out element).
+inline __m256i lane_mask(int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), lanes);
+}
+
+struct Ops {
+  static constexpr int kLanes = 8;
+  static constexpr int kTileM = 3;
+  static constexpr int kTileN = 4;
+  static constexpr int64_t kChunkH = 1024;
+
+  static void load_row(const void* row, bool bf16, int64_t n, float* out) {
+    int64_t e = 0;
+    if (bf16) {
+      const uint16_t* p = static_cast<const uint16_t*>(row);
+      for (; e + 8 <= n; e += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e)));
+        _mm256_storeu_ps(out + e, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+      }
+      for (; e < n; ++e) {
+        const uint32_t u = static_cast<uint32_t>(p[e]) << 16;
+        std::memcpy(out + e, &u, sizeof(float));
+      }
+      return;
+    }
+    const float* p = static_cast<const float*>(row);
+    for (; e + 8 <= n; e += 8) _mm256_storeu_ps(out + e, _mm256_loadu_ps(p + e));
+    for (; e < n; ++e) out[e] = p[e];
+  }
+  static float max_non_nan(const float* x, int64_t n) {
+    const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
+    __m256 mx = neg_inf;
+    int64_t e = 0;
+    for (; e + 8 <= n; e += 8) {
+      const __m256 v = _mm256_loadu_ps(x + e);
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx);
+    float m = -INFINITY;
+    for (float v : lanes) m = v > m ? v : m;
+    for (; e < n; ++e)
+      if (!__builtin_isnan(x[e])) m = x[e] > m ? x[e] : m;
+    return m;
+  }
+  static void sigmoid_from_exp(float* t, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t e = 0;
+    for (; e + 8 <= n; e += 8)
+      _mm256_storeu_ps(t + e, _mm256_div_ps(one, _mm256_add_ps(one, _mm256_loadu_ps(t + e))));
+    for (; e < n; ++e) t[e] = 1.0f / (1.0f + t[e]);
+  }
+  static void divide_by(float* t, int64_t n, double sum) {
+    const __m256d s = _mm256_set1_pd(sum);
+    int64_t e = 0;
+    for (; e + 4 <= n; e += 4) {
+      const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(t + e));
+      _mm_storeu_ps(t + e, _mm256_cvtpd_ps(_mm256_div_pd(v, s)));
+    }
+    for (; e < n; ++e) t[e] = static_cast<float>(t[e] / sum);
+  }
+  static void make_keys(const float* scores, const float* bias, int64_t n, uint32_t* keys);
+  static uint32_t mask_ge(const uint32_t* keys, int n, uint32_t threshold) {
+    // keys are the row scratch, padded past E: a full load stays in bounds.
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys));
+    const __m256i t = _mm256_set1_epi32(static_cast<int>(threshold));
+    const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(k, t), k);
+    const uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(ge)));
+    return n >= 8 ? mask : mask & ((1u << n) - 1);
+  }
+
+  // c[i][j] += a[i] . b[j] over n floats, for MR token rows and NR expert rows.
+  template <int MR, int NR>
+  static void dot_tile(const float* const* a, const float* const* b, int64_t n, float* c,
+                       int64_t ldc) {
+    __m256 acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+    int64_t h = 0;
+    for (; h + 8 <= n; h += 8) {
+      __m256 av[MR];
+      for (int i = 0; i < MR; ++i) av[i] = _mm256_loadu_ps(a[i] + h);
+      for (int j = 0; j < NR; ++j) {
+        const __m256 bv = _mm256_loadu_ps(b[j] + h);
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+      }
+    }
+    if (h < n) {
+      const __m256i m = lane_mask(n - h);
+      __m256 av[MR];
+      for (int i = 0; i < MR; ++i) av[i] = _mm256_maskload_ps(a[i] + h, m);
+      for (int j = 0; j < NR; ++j) {
+        const __m256 bv = _mm256_maskload_ps(b[j] + h, m);
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc;
+      int j = 0;
+      for (; j + 4 <= NR; j += 4)
+        _mm_storeu_ps(ci + j, _mm_add_ps(_mm_loadu_ps(ci + j),
+                                         hsum4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3])));
+      for (; j < NR; ++j) ci[j] += hsum(acc[i][j]);
+    }
+  }
+};
+
+#include "kernels/topk/topk_route-inl.h"
+
+void Ops::make_keys(const float* scores, const float* bias, int64_t n, uint32_t* keys) {
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    __m256 c = _mm256_loadu_ps(scores + e);
+    if (bias) c = _mm256_add_ps(c, _mm256_loadu_ps(bias + e));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+    const __m256i is_zero = _mm256_castps_si256(_mm256_cmp_ps(c, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    __m256i u = _mm256_andnot_si256(is_zero, _mm256_castps_si256(c));
+    u = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), sign));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + e), _mm256_andnot_si256(nan, u));
+  }
+  for (; e < n; ++e) keys[e] = order_key(bias ? scores[e] + bias[e] : scores[e]);
+}
+
+}  // namespace topk_avx2
+
+void topk_route_avx2(const TopkArgs& args) { topk_avx2::topk_route_run(args); }
+void router_topk_avx2(const RouterTopkArgs& args) { topk_avx2::router_topk_run(args); }
+
+}  // namespace moekit

@@ -1,0 +1,331 @@
+// Top-k routing and the fused router GEMM, written once over a per-ISA `Ops` struct.
+//
+// Include this file inside a namespace of its own in each ISA translation unit (moekit::topk_avx512,
+// ...), after <algorithm>, <cmath>, <cstdint>, <cstring>, <new> and "kernels/topk/topk_kernels.h",
+// and after defining `struct Ops` (see topk_scalar.cc for the required members). A distinct
+// namespace per ISA keeps the inline functions compiled with one ISA's flags from being merged
+// with another's at link time.
+//
+// NOTE [exact routing]
+// Ids must equal the reference's exactly, so the scores are computed with the reference's
+// arithmetic op for op: libm's expf once per expert (a vector exp would have to be correctly
+// rounded exactly where glibc's is to guarantee the same ids), then IEEE add/div/convert, which
+// vectorize without changing a bit. The softmax denominator is a double sum in expert order, as
+// in the reference. Everything after scoring is exact integer work on order keys:
+//   key(x) = 0 for NaN, else the float's bits mapped so that unsigned order = numeric order, with
+//            -0 and +0 on the same key (they compare equal in the reference);
+//   composite = key << 32 | (0xFFFFFFFF - index): a larger composite ranks ahead, ties go to the
+//            lower index, and every expert's composite is distinct.
+// The selection keeps the k largest composites in a sorted list while scanning experts in
+// ascending index order; a vector compare of keys against the list's k-th key skips most experts
+// (a later expert with an equal key has a higher index and cannot enter).
+// Grouped selection (DeepSeek-V3): a group's score is the float sum of its two largest selection
+// scores; the topk_group best groups are kept and the experts of the kept groups are scanned in
+// ascending index order, which is the reference's order restricted to eligible experts.
+// No include guard on purpose: each ISA file includes this once, in its own namespace.
+// Only builtins, libc calls (memset, memcpy, expf: std::exp(float) of the reference is expf) and
+// templates instantiated with local lambdas are used here, so that no inline function shared
+// with other files (emitted out of line in debug builds) carries this ISA's instructions.
+
+constexpr int64_t kRowScratch = kTopkMaxExperts + 64;  // padded so vector tails stay in bounds
+
+inline uint32_t order_key(float x) {
+  if (__builtin_isnan(x)) return 0;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if (x == 0.0f) u = 0;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float key_value(uint32_t key) {
+  if (key == 0) return __builtin_nanf("");
+  const uint32_t u = (key & 0x80000000u) ? (key ^ 0x80000000u) : ~key;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint64_t composite(uint32_t key, uint32_t index) {
+  return (static_cast<uint64_t>(key) << 32) | (0xFFFFFFFFu - index);
+}
+
+inline uint32_t composite_index(uint64_t c) {
+  return 0xFFFFFFFFu - static_cast<uint32_t>(c);
+}
+
+// The k best composites seen so far, best first. Composite 0 (key 0, index 2^32-1) is an empty
+// slot and ranks below every real expert, NaN ones included.
+class TopList {
+ public:
+  explicit TopList(int k) : k_(k) {
+    for (int j = 0; j < k; ++j) list_[j] = 0;
+  }
+  uint32_t threshold_key() const { return threshold_key_; }
+  void consider(uint32_t key, uint32_t index) {
+    const uint64_t c = composite(key, index);
+    if (c <= list_[k_ - 1]) return;
+    int j = k_ - 1;
+    while (j > 0 && list_[j - 1] < c) {
+      list_[j] = list_[j - 1];
+      --j;
+    }
+    list_[j] = c;
+    threshold_key_ = static_cast<uint32_t>(list_[k_ - 1] >> 32);
+  }
+  uint32_t id(int j) const { return composite_index(list_[j]); }
+
+ private:
+  uint64_t list_[kTopkMaxK];
+  int k_;
+  uint32_t threshold_key_ = 0;
+};
+
+struct RowScratch {
+  alignas(64) float scores[kRowScratch];
+  alignas(64) uint32_t keys[kRowScratch];
+  uint64_t group_rank[kTopkMaxExperts];
+  int chosen_groups[kTopkMaxExperts];
+};
+
+// Scores of one row, bit-identical to the reference's score_row.
+inline void score_row(const TopkArgs& a, const void* row, bool bf16, float* s) {
+  const int64_t E = a.E;
+  Ops::load_row(row, bf16, E, s);
+  if (a.scoring == MOEKIT_SCORING_SIGMOID) {
+    for (int64_t e = 0; e < E; ++e) s[e] = ::expf(-s[e]);
+    Ops::sigmoid_from_exp(s, E);  // 1 / (1 + exp(-x))
+    return;
+  }
+  const float max_logit = Ops::max_non_nan(s, E);
+  double sum = 0.0;
+  for (int64_t e = 0; e < E; ++e) {
+    const float t = ::expf(s[e] - max_logit);
+    s[e] = t;
+    if (!__builtin_isnan(t)) sum += t;
+  }
+  Ops::divide_by(s, E, sum);  // float(double(t) / sum)
+}
+
+inline void scan_range(const uint32_t* keys, int64_t begin, int64_t end, TopList& top) {
+  for (int64_t i = begin; i < end; i += Ops::kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(Ops::kLanes, end - i));
+    uint32_t mask = Ops::mask_ge(keys + i, n, top.threshold_key());
+    while (mask != 0) {
+      const int lane = __builtin_ctz(mask);
+      mask &= mask - 1;
+      top.consider(keys[i + lane], static_cast<uint32_t>(i + lane));
+    }
+  }
+}
+
+// Picks the topk_group best groups; returns their indices ascending in sc.chosen_groups.
+inline void choose_groups(const TopkArgs& a, RowScratch& sc) {
+  const int64_t groups = a.num_expert_group, group_size = a.E / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    // Two largest keys; the initial 0 stands for NaN, which is what a group of NaN yields.
+    uint32_t k1 = 0, k2 = 0;
+    const uint32_t* keys = sc.keys + g * group_size;
+    for (int64_t e = 0; e < group_size; ++e) {
+      const uint32_t key = keys[e];
+      if (key > k1) {
+        k2 = k1;
+        k1 = key;
+      } else if (key > k2) {
+        k2 = key;
+      }
+    }
+    float score = 0.0f;  // summed as the reference does: 0 + first + second
+    score += key_value(k1);
+    if (group_size >= 2) score += key_value(k2);
+    sc.group_rank[g] = composite(order_key(score), static_cast<uint32_t>(g));
+  }
+  const int keep = a.topk_group;
+  std::partial_sort(sc.group_rank, sc.group_rank + keep, sc.group_rank + groups,
+                    [](uint64_t x, uint64_t y) { return x > y; });
+  for (int i = 0; i < keep; ++i)
+    sc.chosen_groups[i] = static_cast<int>(composite_index(sc.group_rank[i]));
+  std::sort(sc.chosen_groups, sc.chosen_groups + keep, [](int x, int y) { return x < y; });
+}
+
+// Routes row m whose logits are `row` (f32 or bf16).
+inline void route_row(const TopkArgs& a, const void* row, bool bf16, int64_t m, RowScratch& sc) {
+  const int64_t E = a.E;
+  score_row(a, row, bf16, sc.scores);
+  Ops::make_keys(sc.scores, a.bias, E, sc.keys);
+  TopList top(a.k);
+  if (a.num_expert_group > 1) {
+    choose_groups(a, sc);
+    const int64_t group_size = E / a.num_expert_group;
+    for (int i = 0; i < a.topk_group; ++i) {
+      const int64_t begin = sc.chosen_groups[i] * group_size;
+      scan_range(sc.keys, begin, begin + group_size, top);
+    }
+  } else {
+    scan_range(sc.keys, 0, E, top);
+  }
+  // Weights: the unbiased scores, renormalized in double as the reference does, then scaled.
+  float* w = a.weights + m * a.weights_stride;
+  double total = 0.0;
+  for (int j = 0; j < a.k; ++j) total += sc.scores[top.id(j)];
+  for (int j = 0; j < a.k; ++j) {
+    const uint32_t id = top.id(j);
+    float v = sc.scores[id];
+    if (a.renormalize) v = static_cast<float>(v / total);
+    w[j] = v * a.scaling;
+    if (a.ids_dtype == MOEKIT_I64)
+      static_cast<int64_t*>(a.ids)[m * a.ids_stride + j] = id;
+    else
+      static_cast<int32_t*>(a.ids)[m * a.ids_stride + j] = static_cast<int32_t>(id);
+  }
+}
+
+// Rows per parallel region below which the calling thread routes alone (measured: a parallel
+// region costs a few microseconds; one row of 256 experts about half a microsecond).
+constexpr int64_t kRouteParallelMinElements = 16 * 256;
+
+inline void route_rows(const TopkArgs& a, int64_t m0, int64_t m1) {
+  RowScratch sc;
+  const bool bf16 = a.logits_dtype == MOEKIT_BF16;
+  const size_t elem = bf16 ? 2 : 4;
+  for (int64_t m = m0; m < m1; ++m)
+    route_row(a, static_cast<const char*>(a.logits) + m * a.logits_stride * elem, bf16, m, sc);
+}
+
+inline void topk_route_run(const TopkArgs& a) {
+  const int threads = a.M * a.E >= kRouteParallelMinElements
+                          ? static_cast<int>(std::min<int64_t>(num_threads(), a.M))
+                          : 1;
+  if (threads <= 1) {
+    route_rows(a, 0, a.M);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    route_rows(a, a.M * t / nt, a.M * (t + 1) / nt);
+  }
+}
+
+// ---- router GEMM --------------------------------------------------------------------------
+//
+// NOTE [router GEMM]
+// logits[m][e] = hidden[m] . gate[e]: both operands are rows along H, so each output is a dot
+// product and the gate needs no packing (it changes between calls and is read once per block).
+// Blocking: tokens in blocks of `block` rows per thread; H in chunks of Ops::kChunkH; experts in
+// panels of Ops::kTileN rows whose chunk stays in L1 while every token micro-tile (Ops::kTileM
+// rows, streamed from L2) of the block runs against it. The whole gate is therefore streamed
+// from memory once per token block. Each tile keeps kTileM x kTileN vector accumulators and
+// reduces them once per chunk into the block's logits (a per-thread buffer), which are routed
+// right after the block, so [M, E] logits are never written unless logits_out asks for them.
+
+class AlignedScratch {
+ public:
+  ~AlignedScratch() { ::operator delete[](data_, std::align_val_t(64)); }
+  float* get(size_t floats) {
+    if (floats > size_) {
+      ::operator delete[](data_, std::align_val_t(64));
+      data_ = static_cast<float*>(::operator new[](floats * sizeof(float), std::align_val_t(64)));
+      size_ = floats;
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+template <int MR, int NR>
+inline void tile_n(int nr, const float* const* a, const float* const* b, int64_t n, float* c,
+                   int64_t ldc) {
+  if constexpr (NR >= 1) {
+    if (nr == NR) return Ops::template dot_tile<MR, NR>(a, b, n, c, ldc);
+    tile_n<MR, NR - 1>(nr, a, b, n, c, ldc);
+  }
+}
+
+template <int MR>
+inline void tile_mn(int mr, int nr, const float* const* a, const float* const* b, int64_t n,
+                    float* c, int64_t ldc) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) return tile_n<MR, Ops::kTileN>(nr, a, b, n, c, ldc);
+    tile_mn<MR - 1>(mr, nr, a, b, n, c, ldc);
+  }
+}
+
+// Token rows per block: the block's logits stay within about kBlockLogitBytes.
+constexpr int64_t kBlockLogitBytes = 64 * 1024;
+constexpr int64_t kMaxBlockTokens = 96;
+
+inline int64_t block_tokens(int64_t E) {
+  int64_t rows = kBlockLogitBytes / (E * static_cast<int64_t>(sizeof(float)));
+  rows = std::min<int64_t>(std::max<int64_t>(rows, Ops::kTileM), kMaxBlockTokens);
+  return rows / Ops::kTileM * Ops::kTileM;
+}
+
+inline void router_rows(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
+  const TopkArgs& a = r.route;
+  const int64_t E = a.E, H = r.H;
+  const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
+  const int64_t block = block_tokens(E);
+  static thread_local AlignedScratch logit_scratch, hidden_scratch;
+  float* logits = logit_scratch.get(static_cast<size_t>(block * E));
+  float* converted = bf16 ? hidden_scratch.get(static_cast<size_t>(block * Ops::kChunkH)) : nullptr;
+  const float* a_rows[kMaxBlockTokens];
+  const float* b_rows[Ops::kTileN];
+  RowScratch sc;
+  for (int64_t b0 = m0; b0 < m1; b0 += block) {
+    const int64_t nb = std::min(block, m1 - b0);
+    std::memset(logits, 0, static_cast<size_t>(nb * E) * sizeof(float));
+    for (int64_t h0 = 0; h0 < H; h0 += Ops::kChunkH) {
+      const int64_t hc = std::min<int64_t>(Ops::kChunkH, H - h0);
+      for (int64_t i = 0; i < nb; ++i) {
+        if (bf16) {
+          const uint16_t* src = static_cast<const uint16_t*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
+          Ops::load_row(src, true, hc, converted + i * Ops::kChunkH);
+          a_rows[i] = converted + i * Ops::kChunkH;
+        } else {
+          a_rows[i] = static_cast<const float*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
+        }
+      }
+      for (int64_t e0 = 0; e0 < E; e0 += Ops::kTileN) {
+        const int nr = static_cast<int>(std::min<int64_t>(Ops::kTileN, E - e0));
+        for (int j = 0; j < nr; ++j) b_rows[j] = r.gate + (e0 + j) * r.gate_stride + h0;
+        for (int64_t i0 = 0; i0 < nb; i0 += Ops::kTileM) {
+          const int mr = static_cast<int>(std::min<int64_t>(Ops::kTileM, nb - i0));
+          tile_mn<Ops::kTileM>(mr, nr, a_rows + i0, b_rows, hc, logits + i0 * E + e0, E);
+        }
+      }
+    }
+    for (int64_t i = 0; i < nb; ++i) {
+      const float* row = logits + i * E;
+      if (r.logits_out)
+        std::memcpy(r.logits_out + (b0 + i) * r.logits_out_stride, row, E * sizeof(float));
+      route_row(a, row, false, b0 + i, sc);
+    }
+  }
+}
+
+// Tokens from which the router splits tokens over threads (each thread then streams the whole
+// gate once per block of its own tokens).
+constexpr int64_t kRouterParallelMinTokens = 4;
+
+inline void router_topk_run(const RouterTopkArgs& r) {
+  const int64_t M = r.route.M;
+  const int64_t tiles = (M + Ops::kTileM - 1) / Ops::kTileM;
+  const int threads = M >= kRouterParallelMinTokens
+                          ? static_cast<int>(std::min<int64_t>(num_threads(), tiles))
+                          : 1;
+  if (threads <= 1) {
+    router_rows(r, 0, M);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    // Whole micro-tiles per thread, as evenly as possible.
+    const int64_t m0 = std::min(M, tiles * t / nt * Ops::kTileM);
+    const int64_t m1 = std::min(M, tiles * (t + 1) / nt * Ops::kTileM);
+    router_rows(r, m0, m1);
+  }
+}

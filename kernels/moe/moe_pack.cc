@@ -1,11 +1,15 @@
 // Packing expert weights into the moekit_experts handle, and decoding them back for the
 // reference. The PLAIN layout keeps the checkpoint's row-major matrices (and FP8 block scales);
-// kernel-specific layouts are added beside it.
+// the VNNI layout (see the NOTE in moe_microkernel.h) holds F32 and BF16 weights as the fused-MoE
+// microkernels of every ISA read them.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 
+#include "dispatch/runtime.h"
 #include "kernels/moe/moe.h"
+#include "kernels/moe/moe_microkernel.h"
 #include "reference/numeric.h"
 
 namespace moekit {
@@ -37,7 +41,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layout,
                            moekit_experts** out) {
-  if (layout != MOEKIT_LAYOUT_PLAIN)
+  const bool vnni = layout == MOEKIT_LAYOUT_VNNI;
+  if (vnni && d.dtype == MOEKIT_FP8_E4M3)
+    return set_error(MOEKIT_ERR_UNSUPPORTED,
+                     "moekit_experts_pack: the vnni layout holds f32 and bf16 weights only");
+  if (layout != MOEKIT_LAYOUT_PLAIN && !vnni)
     return set_error(MOEKIT_ERR_UNSUPPORTED,
                      std::string("moekit_experts_pack: layout ") + moekit_pack_layout_name(layout) +
                          " is not available in this build");
@@ -62,7 +70,8 @@ moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layo
     for (int i = 0; i < 3; ++i) {
       const int64_t rows = h->rows(kMatrices[i]), cols = h->cols(kMatrices[i]);
       h->offsets[e * 3 + i] = total;
-      total += align64(static_cast<size_t>(rows * cols) * dtype_size(d.dtype));
+      total += vnni ? vnni_matrix_bytes(rows, cols, d.dtype)
+                    : align64(static_cast<size_t>(rows * cols) * dtype_size(d.dtype));
       if (fp8) {
         h->scale_offsets[e * 3 + i] = total;
         total += align64(static_cast<size_t>(ceil_div(rows, d.block_n) * ceil_div(cols, d.block_k)) * 4);
@@ -75,24 +84,91 @@ moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layo
                                                    std::to_string(total) + " bytes");
   }
   h->storage_bytes = total;
-  for (int64_t e = 0; e < d.num_experts; ++e)
-    for (int i = 0; i < 3; ++i) {
-      const int64_t rows = h->rows(kMatrices[i]), cols = h->cols(kMatrices[i]);
-      std::memcpy(h->storage.get() + h->offsets[e * 3 + i], sources[i][e],
-                  static_cast<size_t>(rows * cols) * dtype_size(d.dtype));
-      if (fp8)
-        std::memcpy(h->storage.get() + h->scale_offsets[e * 3 + i], scale_sources[i][e],
-                    static_cast<size_t>(ceil_div(rows, d.block_n) * ceil_div(cols, d.block_k)) * 4);
+  // Each matrix is packed by one thread: packing 256 MiniMax experts moves several GB.
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads())
+  for (int64_t t = 0; t < d.num_experts * 3; ++t) {
+    const int64_t e = t / 3;
+    const int i = static_cast<int>(t % 3);
+    const int64_t rows = h->rows(kMatrices[i]), cols = h->cols(kMatrices[i]);
+    unsigned char* dst = h->storage.get() + h->offsets[e * 3 + i];
+    if (vnni) {
+      vnni_pack_matrix(sources[i][e], d.dtype, rows, cols, dst);
+      continue;
     }
+    std::memcpy(dst, sources[i][e], static_cast<size_t>(rows * cols) * dtype_size(d.dtype));
+    if (fp8)
+      std::memcpy(h->storage.get() + h->scale_offsets[e * 3 + i], scale_sources[i][e],
+                  static_cast<size_t>(ceil_div(rows, d.block_n) * ceil_div(cols, d.block_k)) * 4);
+  }
   *out = h;
   return MOEKIT_OK;
 }
 
-moekit_pack_layout preferred_layout(moekit_dtype) { return MOEKIT_LAYOUT_PLAIN; }
+// Every ISA level has VNNI microkernels for F32 and BF16 weights (scalar included).
+moekit_pack_layout preferred_layout(moekit_dtype dtype) {
+  return dtype == MOEKIT_FP8_E4M3 ? MOEKIT_LAYOUT_PLAIN : MOEKIT_LAYOUT_VNNI;
+}
 
+void vnni_pack_matrix(const void* src, moekit_dtype dtype, int64_t N, int64_t K, void* dst) {
+  const int64_t padded_k = vnni_padded_k(K), panels = vnni_padded_n(N) / kMoePanelN;
+  if (dtype == MOEKIT_F32) {
+    const auto* in = static_cast<const float*>(src);
+    auto* out = static_cast<float*>(dst);
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t kk = 0; kk < padded_k; ++kk)
+        for (int64_t c = 0; c < kMoePanelN; ++c) {
+          const int64_t n = p * kMoePanelN + c;
+          *out++ = n < N && kk < K ? in[n * K + kk] : 0.0f;
+        }
+    return;
+  }
+  const auto* in = static_cast<const uint16_t*>(src);
+  auto* out = static_cast<uint16_t*>(dst);
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t kk = 0; kk < padded_k / 2; ++kk)
+      for (int64_t c = 0; c < kMoePanelN; ++c)
+        for (int64_t i = 0; i < 2; ++i) {
+          const int64_t n = p * kMoePanelN + c, kx = 2 * kk + i;
+          *out++ = n < N && kx < K ? in[n * K + kx] : uint16_t{0};
+        }
+}
+
+void vnni_decode_row(const void* packed, moekit_dtype dtype, int64_t K, int64_t n, float* out) {
+  const int64_t p = n / kMoePanelN, c = n % kMoePanelN;
+  const unsigned char* panel = static_cast<const unsigned char*>(packed) + p * vnni_panel_bytes(K, dtype);
+  if (dtype == MOEKIT_F32) {
+    const auto* w = reinterpret_cast<const float*>(panel);
+    for (int64_t kx = 0; kx < K; ++kx) out[kx] = w[kx * kMoePanelN + c];
+    return;
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(panel);
+  for (int64_t kx = 0; kx < K; ++kx) out[kx] = bf16_to_f32(w[(kx / 2) * 2 * kMoePanelN + c * 2 + kx % 2]);
+}
+
+const void* vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatrix which, int64_t n0,
+                             int64_t n, void* scratch) {
+  (void)n, (void)scratch;
+  return w.matrix(e, which) + (n0 / kMoePanelN) * vnni_panel_bytes(w.cols(which), w.dtype);
+}
+
+size_t moe_tile_scratch_bytes(int64_t K) {
+  return static_cast<size_t>(kMoeMaxTileN * vnni_padded_k(K)) * 4;
+}
+
+// NOTE: the pieces, each 64-byte aligned (P = M * k routed pairs, T threads):
+//   row tables       P * 24 bytes (token, routing weight per sorted row; segments; chunks)
+//   converted A      M * vnni_padded_k(H) * 4   (hidden in the kernel's operand dtype)
+//   intermediate     (min(P, kMoeChunkRows) + 16) * vnni_padded_k(I) * 4
+//   f32 accumulator  M * H * 4                   (for bf16 output)
+//   per thread       3 * moe_tile_scratch_bytes(max(H, I))
+// MiniMax-M2 (H 3072, I 1536, k 8) at M = 4096 with 2 threads: about 131 MB.
 size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int threads) {
-  (void)M, (void)k, (void)H, (void)I, (void)threads;
-  return 0;  // the reference allocates its own scratch
+  const auto a64 = [](int64_t n) { return align64(static_cast<size_t>(n)); };
+  const int64_t pairs = M * k;
+  const int64_t chunk_rows = std::min<int64_t>(pairs, kMoeChunkRows) + kMoePanelN;
+  return a64(pairs * 4) * 2 + a64(pairs * 12) + a64((pairs + 1) * 4) +
+         a64(M * vnni_padded_k(H) * 4) + a64(chunk_rows * vnni_padded_k(I) * 4) + a64(M * H * 4) +
+         static_cast<size_t>(std::max(threads, 1)) * 3 * moe_tile_scratch_bytes(std::max(H, I));
 }
 
 }  // namespace moekit
@@ -102,6 +178,9 @@ void moekit_experts::decode_row(int64_t e, moekit::ExpertMatrix m, int64_t n, fl
   const int64_t K = cols(m);
   const unsigned char* base = matrix(e, m);
   switch (layout) {
+    case MOEKIT_LAYOUT_VNNI:
+      vnni_decode_row(base, dtype, K, n, out);
+      break;
     case MOEKIT_LAYOUT_PLAIN:
     default:
       if (dtype == MOEKIT_F32) {

@@ -1,18 +1,37 @@
 // Dispatch tables of the blockwise expert matmul, best first; the reference is always last.
-#include "kernels/moe/moe.h"
+// Each fused_moe entry is the generic pipeline (moe_pipeline.cc) run with one microkernel.
+#include "kernels/moe/moe_microkernel.h"
 #include "reference/reference.h"
 
 namespace moekit {
 
+void moe_align_counting_sort(const MoeAlignArgs& a);  // moe_align.cc
+
 const ImplList<MoeAlignArgs>& moe_align_impls() {
   static const ImplList<MoeAlignArgs> impls = {
+      {"moe_align_counting_sort", MOEKIT_ISA_SCALAR, nullptr, moe_align_counting_sort},
       {"ref_moe_align", MOEKIT_ISA_SCALAR, nullptr, ref_moe_align},
   };
   return impls;
 }
 
+// {name, level, supports, run} of the pipeline with the microkernel `Kernel()`.
+#define MOEKIT_MOE_PIPELINE_ENTRY(Kernel, level)                                           \
+  {                                                                                         \
+    Kernel().name, level,                                                                   \
+        [](const FusedMoeArgs& a) { return fused_moe_pipeline_supports(Kernel(), a); },     \
+        [](const FusedMoeArgs& a) { fused_moe_pipeline(Kernel(), a); }                      \
+  }
+
 const ImplList<FusedMoeArgs>& fused_moe_impls() {
   static const ImplList<FusedMoeArgs> impls = {
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512, MOEKIT_ISA_AVX512),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx512, MOEKIT_ISA_AVX512),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx2, MOEKIT_ISA_AVX2),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx2, MOEKIT_ISA_AVX2),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_scalar, MOEKIT_ISA_SCALAR),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_scalar, MOEKIT_ISA_SCALAR),
       {"ref_fused_moe", MOEKIT_ISA_SCALAR, nullptr, ref_fused_moe},
   };
   return impls;

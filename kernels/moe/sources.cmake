@@ -4,3 +4,10 @@ moekit_isa_sources(avx2 kernels/moe/fp8_convert_avx2.cc)
 moekit_isa_sources(avx512 kernels/moe/fp8_convert_avx512.cc)
 list(APPEND MOEKIT_SOURCES kernels/moe/moe_pack_amx.cc)
 moekit_isa_sources(amx kernels/moe/moe_gemm_amx.cc)
+# Blockwise expert matmul: the generic pipeline and packing (plain C++), one microkernel file
+# per ISA level.
+list(APPEND MOEKIT_SOURCES kernels/moe/moe_pipeline.cc kernels/moe/moe_align.cc
+  kernels/moe/moe_gemm_scalar.cc)
+moekit_isa_sources(avx2 kernels/moe/moe_gemm_avx2.cc)
+moekit_isa_sources(avx512 kernels/moe/moe_gemm_avx512.cc)
+moekit_isa_sources(avx512_bf16 kernels/moe/moe_gemm_avx512bf16.cc)

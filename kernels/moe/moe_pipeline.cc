@@ -1,0 +1,255 @@
+// The generic fused-MoE driver: alignment, operand conversion, chunking, threading and the
+// deterministic top-k sum. The per-ISA work happens in the microkernels it is given; see the
+// NOTE in moe_microkernel.h for the whole pipeline. Plain C++ (no ISA flags).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels/moe/moe_microkernel.h"
+#include "reference/numeric.h"
+
+namespace moekit {
+namespace {
+
+// A run of rows of one local expert (at most block_m rows): one gate_up work item per column tile.
+struct Segment {
+  int32_t start;   // first sorted row
+  int32_t rows;
+  int32_t expert;  // local expert
+};
+
+int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+// Bump allocator over the workspace; carves the pieces listed in moe_workspace_size's NOTE in
+// the same order and sizes.
+class Carver {
+ public:
+  explicit Carver(unsigned char* base) : base_(base) {}
+  template <class T>
+  T* take(int64_t bytes) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += align64(bytes);
+    return p;
+  }
+
+ private:
+  unsigned char* base_;
+  int64_t used_ = 0;
+};
+
+// Scratch for calls without a workspace: one buffer per calling thread, grown when a call needs
+// more and then reused, so steady-state calls do not allocate.
+unsigned char* thread_local_workspace(size_t bytes) {
+  thread_local AlignedBytes buffer;
+  thread_local size_t capacity = 0;
+  if (capacity < bytes) {
+    buffer.reset();
+    buffer = aligned_alloc_bytes(bytes);
+    capacity = buffer ? bytes : 0;
+  }
+  return buffer.get();
+}
+
+int64_t read_id(const void* ids, moekit_dtype dtype, int64_t index) {
+  return dtype == MOEKIT_I64 ? static_cast<const int64_t*>(ids)[index]
+                             : static_cast<const int32_t*>(ids)[index];
+}
+
+}  // namespace
+
+const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
+  if (a.experts == nullptr) return "no experts";
+  if (a.experts->layout != uk.layout) return "needs another packing layout";
+  if (a.experts->dtype != uk.weight_dtype) return "needs another weight dtype";
+  if ((a.hidden_dtype != MOEKIT_F32 && a.hidden_dtype != MOEKIT_BF16) ||
+      (a.out_dtype != MOEKIT_F32 && a.out_dtype != MOEKIT_BF16))
+    return "hidden and out must be f32 or bf16";
+  if (a.M * a.k > (int64_t{1} << 30)) return "too many routed pairs for 32-bit row indices";
+  return nullptr;
+}
+
+void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
+  const moekit_experts& w = *a.experts;
+  const int64_t M = a.M, k = a.k, H = w.hidden, I = w.inter, E = w.num_experts;
+  const int threads = std::max(a.threads, 1);
+  const int64_t pairs = M * k;
+  const size_t ws_bytes = moe_workspace_size(M, k, H, I, threads);
+  unsigned char* ws = a.ws != nullptr && a.ws->bytes >= ws_bytes ? a.ws->data.get()
+                                                                 : thread_local_workspace(ws_bytes);
+  Carver carve(ws);
+  int32_t* row_token = carve.take<int32_t>(pairs * 4);
+  float* row_weight = carve.take<float>(pairs * 4);
+  Segment* segments = carve.take<Segment>(pairs * 12);
+  int32_t* chunk_first = carve.take<int32_t>((pairs + 1) * 4);  // first segment of each chunk
+  const int64_t padded_h = vnni_padded_k(H), padded_i = vnni_padded_k(I);
+  unsigned char* x_buffer = carve.take<unsigned char>(M * padded_h * 4);
+  unsigned char* act = carve.take<unsigned char>(
+      (std::min<int64_t>(pairs, kMoeChunkRows) + kMoePanelN) * padded_i * 4);
+  float* acc_buffer = carve.take<float>(M * H * 4);
+  const size_t region = moe_tile_scratch_bytes(std::max(H, I));
+  unsigned char* thread_scratch = carve.take<unsigned char>(0);
+
+  // 1. Align: stable counting sort of the pairs by local expert. The per-expert counters are
+  // the only piece whose size depends on E; they live in a per-thread buffer grown once.
+  thread_local std::vector<int32_t> counts;
+  counts.assign(static_cast<size_t>(E) + 1, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t e = read_id(a.topk_ids, a.topk_ids_dtype, m * a.topk_ids_stride + j);
+      if (a.expert_map) e = a.expert_map[e];
+      if (e >= 0) ++counts[e + 1];
+    }
+  for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];
+  const int64_t rows = counts[E];
+  int64_t num_segments = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e + 1] - counts[e];
+    if (n == 0) continue;
+    // Equal pieces of at most block_m rows balance better than block_m-sized ones plus a tail.
+    const int64_t pieces = (n + uk.block_m - 1) / uk.block_m;
+    for (int64_t p = 0; p < pieces; ++p) {
+      const int64_t begin = n * p / pieces, end = n * (p + 1) / pieces;
+      segments[num_segments++] = {static_cast<int32_t>(counts[e] + begin),
+                                  static_cast<int32_t>(end - begin), static_cast<int32_t>(e)};
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t e = read_id(a.topk_ids, a.topk_ids_dtype, m * a.topk_ids_stride + j);
+      if (a.expert_map) e = a.expert_map[e];
+      if (e < 0) continue;
+      const int32_t row = counts[e]++;
+      row_token[row] = static_cast<int32_t>(m);
+      row_weight[row] = a.topk_weights[m * a.topk_weights_stride + j];
+    }
+  // Chunks of whole segments, at most kMoeChunkRows rows each (depends on shapes only).
+  int64_t num_chunks = 0;
+  for (int64_t s = 0, chunk_rows = kMoeChunkRows; s < num_segments; ++s) {
+    if (chunk_rows + segments[s].rows > kMoeChunkRows) {
+      chunk_first[num_chunks++] = static_cast<int32_t>(s);
+      chunk_rows = 0;
+    }
+    chunk_rows += segments[s].rows;
+  }
+  chunk_first[num_chunks] = static_cast<int32_t>(num_segments);
+
+  // 2. The A operand.
+  const size_t a_size = uk.a_dtype == MOEKIT_BF16 ? 2 : 4;
+  const bool convert_x = a.hidden_dtype != uk.a_dtype || uk.pad_a;
+  const void* x = convert_x ? static_cast<const void*>(x_buffer) : a.hidden;
+  const int64_t ldx = convert_x ? padded_h : a.hidden_stride;
+
+  // Output accumulation: f32 output is accumulated in place, bf16 in the workspace.
+  const bool out_f32 = a.out_dtype == MOEKIT_F32;
+  float* acc = out_f32 ? static_cast<float*>(a.out) : acc_buffer;
+  const int64_t ld_acc = out_f32 ? a.out_stride : H;
+  const int64_t up_tiles = (I + uk.gate_up_n - 1) / uk.gate_up_n;
+  const int64_t down_tiles = (H + uk.down_n - 1) / uk.down_n;
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    unsigned char* my_scratch = thread_scratch + static_cast<size_t>(tid) * 3 * region;
+    void* tile_scratch_1 = my_scratch;
+    void* tile_scratch_3 = my_scratch + region;
+    void* kernel_scratch = my_scratch + 2 * region;
+    if (uk.thread_begin) uk.thread_begin();
+
+    if (convert_x) {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) {
+        const void* src = static_cast<const char*>(a.hidden) +
+                          m * a.hidden_stride * (a.hidden_dtype == MOEKIT_BF16 ? 2 : 4);
+        const bool src_bf16 = a.hidden_dtype == MOEKIT_BF16;
+        if (uk.a_dtype == MOEKIT_BF16) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(x_buffer) + m * padded_h;
+          for (int64_t h = 0; h < H; ++h) dst[h] = f32_to_bf16(load_float(src, src_bf16, h));
+          std::fill(dst + H, dst + padded_h, uint16_t{0});
+        } else {
+          float* dst = reinterpret_cast<float*>(x_buffer) + m * padded_h;
+          for (int64_t h = 0; h < H; ++h) dst[h] = load_float(src, src_bf16, h);
+          std::fill(dst + H, dst + padded_h, 0.0f);
+        }
+      }
+    }
+
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const Segment* first = segments + chunk_first[c];
+      const int64_t chunk_segments = chunk_first[c + 1] - chunk_first[c];
+      const int64_t row0 = first->start;
+
+      // 3a. gate_up: (segment, column tile of I) items, tiles of one segment adjacent.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < chunk_segments * up_tiles; ++item) {
+        const Segment& s = first[item / up_tiles];
+        const int64_t n0 = (item % up_tiles) * uk.gate_up_n, n = std::min(uk.gate_up_n, I - n0);
+        MoeGateUpCall call;
+        call.a = x;
+        call.lda = ldx;
+        call.a_rows = row_token + s.start;
+        call.m = s.rows;
+        call.K = H;
+        call.w1 = uk.weight_tile(w, s.expert, ExpertMatrix::kW1, n0, n, tile_scratch_1);
+        call.w3 = uk.weight_tile(w, s.expert, ExpertMatrix::kW3, n0, n, tile_scratch_3);
+        call.n = n;
+        unsigned char* act_rows = act + (s.start - row0) * padded_i * a_size;
+        call.act = act_rows + n0 * a_size;
+        call.ld_act = padded_i;
+        call.scratch = kernel_scratch;
+        call.scratch_bytes = region;
+        uk.gate_up(call);
+        if (uk.pad_a && n0 + n == I)  // zero the K padding the down kernel may read
+          for (int64_t r = 0; r < s.rows; ++r)
+            std::memset(act_rows + (r * padded_i + I) * a_size, 0, (padded_i - I) * a_size);
+      }
+
+      // 3b. down: column tiles of H; each walks the chunk's segments in row order.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tile = 0; tile < down_tiles; ++tile) {
+        const int64_t n0 = tile * uk.down_n, n = std::min(uk.down_n, H - n0);
+        if (c == 0)
+          for (int64_t m = 0; m < M; ++m) std::fill(acc + m * ld_acc + n0, acc + m * ld_acc + n0 + n, 0.0f);
+        const void* w2 = nullptr;
+        int64_t w2_expert = -1;
+        for (int64_t si = 0; si < chunk_segments; ++si) {
+          const Segment& s = first[si];
+          if (s.expert != w2_expert) {  // consecutive segments of an expert share the tile
+            w2 = uk.weight_tile(w, s.expert, ExpertMatrix::kW2, n0, n, tile_scratch_1);
+            w2_expert = s.expert;
+          }
+          MoeDownCall call;
+          call.act = act + (s.start - row0) * padded_i * a_size;
+          call.ld_act = padded_i;
+          call.m = s.rows;
+          call.K = I;
+          call.w2 = w2;
+          call.n = n;
+          call.row_weight = row_weight + s.start;
+          call.out = acc + n0;
+          call.ld_out = ld_acc;
+          call.out_rows = row_token + s.start;
+          call.scratch = kernel_scratch;
+          call.scratch_bytes = region;
+          uk.down(call);
+        }
+        if (c == num_chunks - 1 && !out_f32)
+          for (int64_t m = 0; m < M; ++m) {
+            uint16_t* dst = static_cast<uint16_t*>(a.out) + m * a.out_stride;
+            for (int64_t h = n0; h < n0 + n; ++h) dst[h] = f32_to_bf16(acc[m * ld_acc + h]);
+          }
+      }
+    }
+
+    if (num_chunks == 0) {  // nothing routed to this rank: the sum is zero
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t h = 0; h < H; ++h) store_float(static_cast<char*>(a.out) + m * a.out_stride * (out_f32 ? 4 : 2), !out_f32, h, 0.0f);
+    }
+    if (uk.thread_end) uk.thread_end();
+  }
+  (void)rows;
+}
+
+}  // namespace moekit

@@ -503,6 +503,29 @@ TEST_P(RouterTopk, Sweep) {
   }
 }
 
+// Token counts around the packed-token panels (16-token transposes, 32-token panels, 64-token
+// blocks), with H tails, bf16, strides and expert counts that leave partial expert tiles.
+TEST_P(RouterTopk, TokenPanels) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(impl());
+  uint32_t seed = 300;
+  for (int64_t M : {15, 16, 31, 33, 65, 97}) {
+    for (int64_t E : {13, 64}) {
+      for (int64_t H : {1, 16, 33, 300}) {
+        RouterCase c;
+        c.M = M;
+        c.E = E;
+        c.H = H;
+        c.k = 6;
+        c.bf16 = seed % 2 == 0;
+        c.strided = seed % 3 == 0;
+        c.ints = seed % 4 < 2;
+        c.seed = seed++;
+        check(c);
+      }
+    }
+  }
+}
+
 TEST_P(RouterTopk, MiniMaxShape) {
   MOEKIT_SKIP_IF_CANNOT_RUN(impl());
   for (int64_t M : {1, 9}) {
@@ -522,5 +545,137 @@ TEST_P(RouterTopk, MiniMaxShape) {
 
 INSTANTIATE_TEST_SUITE_P(Impls, RouterTopk, testing::ValuesIn(moekit_test::impl_indices(moekit::router_topk_impls())),
                          (moekit_test::impl_test_name<RouterTopkArgs, moekit::router_topk_impls>));
+
+// ---- C API ------------------------------------------------------------------------------------
+
+namespace api {
+
+constexpr int64_t kM = 3, kE = 12, kH = 20;
+constexpr int kK = 4;
+
+// Inputs and sentinel-filled outputs of one C-API call.
+struct ApiCall {
+  std::vector<float> logits = moekit_test::random_floats(kM * kE, 3);
+  std::vector<float> hidden = moekit_test::random_floats(kM * kH, 4);
+  std::vector<float> gate = moekit_test::random_floats(kE * kH, 5);
+  std::vector<float> bias = moekit_test::random_floats(kE + 1, 6);
+  std::vector<float> weights = std::vector<float>(kM * kK, kSentinelWeight);
+  std::vector<int32_t> ids = std::vector<int32_t>(kM * kK, static_cast<int32_t>(kSentinelId));
+  std::vector<float> logits_out = std::vector<float>(kM * kE + kM, kSentinelWeight);
+  moekit_tensor t_logits = make_tensor(logits.data(), MOEKIT_F32, {kM, kE});
+  moekit_tensor t_hidden = make_tensor(hidden.data(), MOEKIT_F32, {kM, kH});
+  moekit_tensor t_gate = make_tensor(gate.data(), MOEKIT_F32, {kE, kH});
+  moekit_tensor t_bias = make_tensor(bias.data(), MOEKIT_F32, {kE});
+  moekit_tensor t_weights = make_tensor(weights.data(), MOEKIT_F32, {kM, kK});
+  moekit_tensor t_ids = make_tensor(ids.data(), MOEKIT_I32, {kM, kK});
+  moekit_tensor t_logits_out = make_tensor(logits_out.data(), MOEKIT_F32, {kM, kE});
+  moekit_route_params params = [] {
+    moekit_route_params p = moekit_route_params_default();
+    p.top_k = kK;
+    p.scoring = MOEKIT_SCORING_SIGMOID;
+    p.renormalize = 1;
+    return p;
+  }();
+
+  moekit_status route() { return moekit_topk_route(&t_logits, &t_bias, &params, &t_weights, &t_ids); }
+  moekit_status router(bool with_logits = true) {
+    return moekit_router_topk(&t_hidden, &t_gate, &t_bias, &params, &t_weights, &t_ids,
+                              with_logits ? &t_logits_out : nullptr);
+  }
+  bool outputs_untouched() const {
+    for (float w : weights)
+      if (w != kSentinelWeight) return false;
+    for (int32_t i : ids)
+      if (i != kSentinelId) return false;
+    for (float l : logits_out)
+      if (l != kSentinelWeight) return false;
+    return true;
+  }
+};
+
+void expect_rejected(moekit_status s, const ApiCall& call, const std::string& argument) {
+  EXPECT_NE(s, MOEKIT_OK);
+  const std::string message = moekit_last_error();
+  EXPECT_NE(message.find(": " + argument + ":"), std::string::npos)
+      << "message does not name " << argument << ": " << message;
+  EXPECT_TRUE(call.outputs_untouched()) << "outputs written on error: " << message;
+}
+
+TEST(TopkApi, RouteRejectsBadArguments) {
+  { ApiCall c; c.params.top_k = 0; expect_rejected(c.route(), c, "params.top_k"); }
+  {
+    ApiCall c;
+    c.params.top_k = kE + 1;
+    c.t_weights.shape[1] = c.t_ids.shape[1] = kE + 1;
+    expect_rejected(c.route(), c, "params.top_k");
+  }
+  { ApiCall c; c.params.num_expert_group = 5; c.params.topk_group = 1; expect_rejected(c.route(), c, "params.num_expert_group"); }
+  { ApiCall c; c.params.num_expert_group = 4; c.params.topk_group = 5; expect_rejected(c.route(), c, "params.topk_group"); }
+  { ApiCall c; c.params.routed_scaling_factor = NAN; expect_rejected(c.route(), c, "params.routed_scaling_factor"); }
+  { ApiCall c; c.params.scoring = static_cast<moekit_scoring>(7); expect_rejected(c.route(), c, "params.scoring"); }
+  { ApiCall c; expect_rejected(moekit_topk_route(nullptr, &c.t_bias, &c.params, &c.t_weights, &c.t_ids), c, "logits"); }
+  { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, nullptr, &c.t_weights, &c.t_ids), c, "params"); }
+  { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, nullptr, &c.t_ids), c, "weights"); }
+  { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, &c.t_weights, nullptr), c, "ids"); }
+  { ApiCall c; c.t_logits.data = nullptr; expect_rejected(c.route(), c, "logits"); }
+  { ApiCall c; c.t_logits.dtype = MOEKIT_I32; expect_rejected(c.route(), c, "logits"); }
+  { ApiCall c; c.t_weights.dtype = MOEKIT_BF16; expect_rejected(c.route(), c, "weights"); }
+  { ApiCall c; c.t_ids.dtype = MOEKIT_F32; expect_rejected(c.route(), c, "ids"); }
+  { ApiCall c; c.t_ids.shape[0] = kM - 1; expect_rejected(c.route(), c, "ids"); }
+  { ApiCall c; c.t_weights.shape[1] = kK + 1; expect_rejected(c.route(), c, "weights"); }
+  { ApiCall c; c.t_bias.shape[0] = kE + 1; expect_rejected(c.route(), c, "bias"); }
+  { ApiCall c; c.t_bias.dtype = MOEKIT_BF16; expect_rejected(c.route(), c, "bias"); }
+  { ApiCall c; c.t_bias = make_tensor(c.bias.data(), MOEKIT_F32, {1, kE}); expect_rejected(c.route(), c, "bias"); }
+}
+
+TEST(TopkApi, RouterRejectsBadArguments) {
+  { ApiCall c; c.params.top_k = 0; expect_rejected(c.router(), c, "params.top_k"); }
+  { ApiCall c; c.params.top_k = kE + 1; expect_rejected(c.router(), c, "params.top_k"); }
+  { ApiCall c; c.params.num_expert_group = 5; c.params.topk_group = 1; expect_rejected(c.router(), c, "params.num_expert_group"); }
+  { ApiCall c; c.t_hidden.dtype = MOEKIT_I64; expect_rejected(c.router(), c, "hidden"); }
+  { ApiCall c; c.t_gate.dtype = MOEKIT_BF16; expect_rejected(c.router(), c, "gate_weight"); }
+  { ApiCall c; c.t_gate.shape[1] = kH - 1; expect_rejected(c.router(), c, "gate_weight"); }
+  { ApiCall c; expect_rejected(moekit_router_topk(&c.t_hidden, nullptr, &c.t_bias, &c.params, &c.t_weights, &c.t_ids, nullptr), c, "gate_weight"); }
+  { ApiCall c; expect_rejected(moekit_router_topk(nullptr, &c.t_gate, &c.t_bias, &c.params, &c.t_weights, &c.t_ids, nullptr), c, "hidden"); }
+  { ApiCall c; c.t_logits_out.shape[1] = kE + 1; expect_rejected(c.router(), c, "logits_out"); }
+  { ApiCall c; c.t_logits_out.dtype = MOEKIT_BF16; expect_rejected(c.router(), c, "logits_out"); }
+  { ApiCall c; c.t_bias.shape[0] = kE - 1; expect_rejected(c.router(), c, "bias"); }
+  { ApiCall c; c.t_ids.dtype = MOEKIT_BF16; expect_rejected(c.router(), c, "ids"); }
+}
+
+// The public entry points pick a fast path on this CPU and agree with the reference.
+TEST(TopkApi, ValidCallsRouteLikeTheReference) {
+  ApiCall c;
+  ASSERT_EQ(c.route(), MOEKIT_OK) << moekit_last_error();
+  if (moekit_detected_isa() >= MOEKIT_ISA_AVX2)
+    EXPECT_EQ(std::string(moekit_last_impl("topk_route")).rfind("topk_route_", 0), 0u) << moekit_last_impl("topk_route");
+  std::vector<float> ref_weights(kM * kK);
+  std::vector<int32_t> ref_ids(kM * kK);
+  TopkArgs a;
+  a.M = kM;
+  a.E = kE;
+  a.logits = c.logits.data();
+  a.logits_stride = kE;
+  a.bias = c.bias.data();
+  a.k = kK;
+  a.scoring = MOEKIT_SCORING_SIGMOID;
+  a.renormalize = true;
+  a.weights = ref_weights.data();
+  a.weights_stride = kK;
+  a.ids = ref_ids.data();
+  a.ids_stride = kK;
+  moekit::ref_topk_route(a);
+  EXPECT_EQ(c.ids, ref_ids);
+  for (size_t i = 0; i < ref_weights.size(); ++i) EXPECT_TRUE(weight_close(c.weights[i], ref_weights[i]));
+
+  ApiCall r;
+  ASSERT_EQ(r.router(), MOEKIT_OK) << moekit_last_error();
+  a.logits = r.logits_out.data();
+  moekit::ref_topk_route(a);
+  EXPECT_EQ(r.ids, ref_ids);
+  EXPECT_EQ(r.logits_out.back(), kSentinelWeight);  // nothing past [M, E]
+}
+
+}  // namespace api
 
 }  // namespace

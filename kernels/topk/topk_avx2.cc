@@ -40,6 +40,7 @@ struct Ops {
   static constexpr int kLanes = 8;
   static constexpr int kTileM = 3;
   static constexpr int kTileN = 4;
+  static constexpr int kSplitTokens = kTileM;  // tokens per unit of the thread split
   static constexpr int64_t kChunkH = 1024;
 
   static void load_row(const void* row, bool bf16, int64_t n, float* out) {

@@ -40,6 +40,7 @@ struct Ops {
   static constexpr int kLanes = 16;
   static constexpr int kTileM = 3;
   static constexpr int kTileN = 8;
+  static constexpr int kSplitTokens = 16;  // tokens per unit of the thread split
   static constexpr int64_t kChunkH = 1024;
 
   static __m512 load16(const void* row, bool bf16, int64_t e, __mmask16 m) {
@@ -137,7 +138,141 @@ struct Ops {
   }
 };
 
+// The packed-token router path (below) takes over from this many tokens per thread.
+constexpr int64_t kPackedMinTokens = 16;
+void router_rows_packed(const RouterTopkArgs& r, int64_t m0, int64_t m1);
+#define MOEKIT_TOPK_PACKED_ROUTER 1
+
 #include "kernels/topk/topk_route-inl.h"
+
+// ---- packed-token router GEMM ------------------------------------------------------------
+//
+// NOTE [packed-token router GEMM]
+// With 16 or more tokens per thread the dot-product tiles (horizontal reductions, two vector
+// loads per FMA pair) lose to an outer-product kernel. The small operand is packed instead of
+// the gate: a panel of kPanelTokens tokens is transposed to [H][kPanelTokens] (16x16 register
+// transposes), and the tile multiplies kBcastExperts gate rows, one broadcast scalar per row and
+// h, by two token vectors: 2 vector loads + kBcastExperts broadcasts per 2 x kBcastExperts FMAs,
+// no reductions, gate rows read in place (sequentially, from L2 after the first panel). The
+// whole H is summed in registers; results go to an expert-major block buffer [E][kBlockTokens]
+// whose columns are then routed token by token.
+
+constexpr int kPanelTokens = 32;
+constexpr int kBcastExperts = 12;
+constexpr int64_t kPackedBlockTokens = 64;  // packed hidden: 64 x H floats (768 KB at H=3072)
+
+// In-register transpose of 16 rows of 16 floats.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));      // columns 0, 4, 8, 12
+    u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));  // columns 1, 5, 9, 13
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));  // columns 2, 6, 10, 14
+    u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));  // columns 3, 7, 11, 15
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(v0, w0, 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(v1, w1, 0xdd);
+  }
+}
+
+// Packs tokens [t0, t0 + n) (n <= kPanelTokens; missing tokens are zeros) of hidden into
+// panel[h][kPanelTokens].
+void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel) {
+  const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
+  const size_t elem = bf16 ? 2 : 4;
+  const int64_t H = r.H;
+  for (int half = 0; half < kPanelTokens / 16; ++half) {
+    const void* rows[16];
+    const int64_t first = half * 16;
+    for (int i = 0; i < 16; ++i)
+      rows[i] = first + i < n
+                    ? static_cast<const char*>(r.hidden) + (t0 + first + i) * r.hidden_stride * elem
+                    : nullptr;
+    for (int64_t h0 = 0; h0 < H; h0 += 16) {
+      const __mmask16 m = tail_mask(H - h0);
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = rows[i] ? Ops::load16(rows[i], bf16, h0, m) : _mm512_setzero_ps();
+      transpose16(v);
+      const int64_t hn = std::min<int64_t>(16, H - h0);
+      for (int64_t j = 0; j < hn; ++j) _mm512_store_ps(panel + (h0 + j) * kPanelTokens + first, v[j]);
+    }
+  }
+}
+
+// out[j][0..kPanelTokens) = gate row j . every token of the panel, for NR gate rows.
+template <int NR>
+void bcast_tile(const float* const* g, const float* panel, int64_t H, float* out, int64_t ldo) {
+  __m512 acc[NR][2];
+  for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    const __m512 a0 = _mm512_load_ps(panel + h * kPanelTokens);
+    const __m512 a1 = _mm512_load_ps(panel + h * kPanelTokens + 16);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 b = _mm512_set1_ps(g[j][h]);
+      acc[j][0] = _mm512_fmadd_ps(a0, b, acc[j][0]);
+      acc[j][1] = _mm512_fmadd_ps(a1, b, acc[j][1]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    _mm512_store_ps(out + j * ldo, acc[j][0]);
+    _mm512_store_ps(out + j * ldo + 16, acc[j][1]);
+  }
+}
+
+template <int NR>
+void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
+                  int64_t ldo) {
+  if constexpr (NR >= 1) {
+    if (nr == NR) return bcast_tile<NR>(g, panel, H, out, ldo);
+    bcast_tile_n<NR - 1>(nr, g, panel, H, out, ldo);
+  }
+}
+
+void router_rows_packed(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
+  const TopkArgs& a = r.route;
+  const int64_t E = a.E, H = r.H;
+  static thread_local AlignedScratch panel_scratch, logit_scratch;
+  float* panels = panel_scratch.get(static_cast<size_t>(kPackedBlockTokens * H));
+  float* block_logits = logit_scratch.get(static_cast<size_t>(E * kPackedBlockTokens + E));
+  float* row = block_logits + E * kPackedBlockTokens;  // one token's logits, contiguous
+  const float* g[kBcastExperts];
+  RowScratch sc;
+  for (int64_t b0 = m0; b0 < m1; b0 += kPackedBlockTokens) {
+    const int64_t nb = std::min(kPackedBlockTokens, m1 - b0);
+    const int64_t num_panels = (nb + kPanelTokens - 1) / kPanelTokens;
+    for (int64_t p = 0; p < num_panels; ++p)
+      pack_panel(r, b0 + p * kPanelTokens, std::min<int64_t>(kPanelTokens, nb - p * kPanelTokens),
+                 panels + p * H * kPanelTokens);
+    for (int64_t e0 = 0; e0 < E; e0 += kBcastExperts) {
+      const int nr = static_cast<int>(std::min<int64_t>(kBcastExperts, E - e0));
+      for (int j = 0; j < nr; ++j) g[j] = r.gate + (e0 + j) * r.gate_stride;
+      for (int64_t p = 0; p < num_panels; ++p)
+        bcast_tile_n<kBcastExperts>(nr, g, panels + p * H * kPanelTokens, H,
+                                    block_logits + e0 * kPackedBlockTokens + p * kPanelTokens,
+                                    kPackedBlockTokens);
+    }
+    for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t e = 0; e < E; ++e) row[e] = block_logits[e * kPackedBlockTokens + i];
+      if (r.logits_out)
+        std::memcpy(r.logits_out + (b0 + i) * r.logits_out_stride, row, E * sizeof(float));
+      route_row(a, row, false, b0 + i, sc);
+    }
+  }
+}
 
 }  // namespace topk_avx512
 

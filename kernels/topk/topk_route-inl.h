@@ -264,6 +264,10 @@ inline int64_t block_tokens(int64_t E) {
 }
 
 inline void router_rows(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
+#ifdef MOEKIT_TOPK_PACKED_ROUTER
+  // Enough tokens to fill the ISA's packed-token kernel (see router_rows_packed).
+  if (m1 - m0 >= kPackedMinTokens) return router_rows_packed(r, m0, m1);
+#endif
   const TopkArgs& a = r.route;
   const int64_t E = a.E, H = r.H;
   const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
@@ -312,7 +316,7 @@ constexpr int64_t kRouterParallelMinTokens = 4;
 
 inline void router_topk_run(const RouterTopkArgs& r) {
   const int64_t M = r.route.M;
-  const int64_t tiles = (M + Ops::kTileM - 1) / Ops::kTileM;
+  const int64_t tiles = (M + Ops::kSplitTokens - 1) / Ops::kSplitTokens;
   const int threads = M >= kRouterParallelMinTokens
                           ? static_cast<int>(std::min<int64_t>(num_threads(), tiles))
                           : 1;
@@ -323,9 +327,9 @@ inline void router_topk_run(const RouterTopkArgs& r) {
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    // Whole micro-tiles per thread, as evenly as possible.
-    const int64_t m0 = std::min(M, tiles * t / nt * Ops::kTileM);
-    const int64_t m1 = std::min(M, tiles * (t + 1) / nt * Ops::kTileM);
+    // Whole split units per thread, as evenly as possible.
+    const int64_t m0 = std::min(M, tiles * t / nt * Ops::kSplitTokens);
+    const int64_t m1 = std::min(M, tiles * (t + 1) / nt * Ops::kSplitTokens);
     router_rows(r, m0, m1);
   }
 }

@@ -59,7 +59,8 @@ extern "C" {
 int64_t moekit_moe_align_capacity(int64_t M, int64_t k, int64_t num_local_experts,
                                   int64_t block_m) {
   if (M < 0 || k < 0 || num_local_experts < 0 || block_m < 1 || block_m > kMaxBlockM) return -1;
-  if (M > kMaxElements || k > kMaxElements || M * k > kMaxElements / kMaxBlockM) return -1;
+  if (M > kMaxElements || k > kMaxElements) return -1;
+  if (M > 0 && k > kMaxElements / kMaxBlockM / M) return -1;  // M * k would overflow below
   return moe_align_capacity(M, k, num_local_experts, block_m);
 }
 
@@ -180,12 +181,19 @@ size_t moekit_moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int
   if (M < 0 || k < 0 || H < 0 || I < 0 || M > kMaxElements || k > 1024 || H > (1 << 20) ||
       I > (1 << 20))
     return 0;
+  // Beyond what a call can pass (hidden [M, H] and the pairs are tensors of at most 2^48
+  // elements); the size arithmetic would overflow.
+  if (M > 0 && (k > kMaxElements / M || std::max(H, I) > kMaxElements / M)) return 0;
   return moe_workspace_size(M, k, H, I, threads > 0 ? threads : num_threads());
 }
 
 moekit_status moekit_workspace_create(size_t bytes, moekit_workspace** out) {
   Checker c("moekit_workspace_create");
   if (out == nullptr) return c.invalid("out", "is NULL");
+  // No machine has this much; refusing here also keeps the 64-byte round-up of the
+  // allocation from wrapping around to a tiny buffer.
+  if (bytes > static_cast<uint64_t>(kMaxElements))
+    return c.fail(MOEKIT_ERR_OUT_OF_MEMORY, "bytes", std::to_string(bytes) + " exceeds 2^48");
   auto* ws = new (std::nothrow) moekit_workspace;
   if (ws == nullptr) return c.fail(MOEKIT_ERR_OUT_OF_MEMORY, "bytes", "out of memory");
   if (bytes > 0) {

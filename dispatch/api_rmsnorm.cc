@@ -123,6 +123,16 @@ moekit_status check_sums(const Checker& c, const char* arg, const moekit_tensor*
   return c.dims(arg, t, {tokens});
 }
 
+// The sums are written (partial) or read (apply) while q and k are read or rewritten row by
+// row: they must not share memory with q or k.
+moekit_status check_sums_apart(const Checker& c, const moekit_tensor* q, const moekit_tensor* k,
+                               const moekit_tensor* q_sumsq, const moekit_tensor* k_sumsq) {
+  if (moekit_status s = check_disjoint(c, "q", q, "q_sumsq", q_sumsq)) return s;
+  if (moekit_status s = check_disjoint(c, "k", k, "q_sumsq", q_sumsq)) return s;
+  if (moekit_status s = check_disjoint(c, "q", q, "k_sumsq", k_sumsq)) return s;
+  return check_disjoint(c, "k", k, "k_sumsq", k_sumsq);
+}
+
 }  // namespace
 
 extern "C" {
@@ -153,6 +163,7 @@ moekit_status moekit_qk_norm_partial_sumsq(const moekit_tensor* q, const moekit_
   if (moekit_status s = check_sums(c, "q_sumsq", q_sumsq, a.tokens)) return s;
   if (moekit_status s = check_sums(c, "k_sumsq", k_sumsq, a.tokens)) return s;
   if (moekit_status s = check_disjoint(c, "q_sumsq", q_sumsq, "k_sumsq", k_sumsq)) return s;
+  if (moekit_status s = check_sums_apart(c, q, k, q_sumsq, k_sumsq)) return s;
   a.mode = QkNormArgs::Mode::kPartialSumsq;
   a.q_sumsq = static_cast<float*>(q_sumsq->data);
   a.k_sumsq = static_cast<float*>(k_sumsq->data);
@@ -170,6 +181,7 @@ moekit_status moekit_qk_norm_apply(moekit_tensor* q, moekit_tensor* k,
   if (moekit_status s = check_qk(c, q, k, &a)) return s;
   if (moekit_status s = check_sums(c, "q_sumsq", q_sumsq, a.tokens)) return s;
   if (moekit_status s = check_sums(c, "k_sumsq", k_sumsq, a.tokens)) return s;
+  if (moekit_status s = check_sums_apart(c, q, k, q_sumsq, k_sumsq)) return s;
   if (q_global_width < a.q_width || q_global_width <= 0)
     return c.invalid("q_global_width", std::to_string(q_global_width) +
                                            " must be positive and at least the local width " +
@@ -201,6 +213,9 @@ moekit_status moekit_qk_norm_kv_weight_slice(int64_t num_kv_heads, int64_t head_
   Checker c("moekit_qk_norm_kv_weight_slice");
   if (num_kv_heads <= 0) return c.invalid("num_kv_heads", "must be positive");
   if (head_dim <= 0) return c.invalid("head_dim", "must be positive");
+  if (num_kv_heads > kMaxElements / head_dim)  // keeps the offsets below from overflowing
+    return c.invalid("num_kv_heads", std::to_string(num_kv_heads) + " heads x head_dim " +
+                                         std::to_string(head_dim) + " is too large");
   if (world <= 0) return c.invalid("world", "must be positive");
   if (rank < 0 || rank >= world)
     return c.invalid("rank", std::to_string(rank) + " is out of range [0, " + std::to_string(world) + ")");

@@ -78,6 +78,18 @@ moekit_status Checker::tensor(const char* arg, const moekit_tensor* t, int ndim,
   if (ndim > 0 && t->shape[ndim - 1] > 1 && stride_of(t, ndim - 1) != 1)
     return fail(MOEKIT_ERR_UNSUPPORTED, arg,
                 "innermost stride must be 1, got " + std::to_string(stride_of(t, ndim - 1)));
+  // The last element must stay within kMaxElements of the first, so that no offset computed
+  // from these strides can overflow (shape [2^20, 4] with row stride 2^40 would otherwise pass).
+  // Non-positive strides are left to the check below.
+  int64_t span = 0;
+  for (int d = 0; d < ndim; ++d) {
+    const int64_t s = stride_of(t, d);
+    if (t->shape[d] <= 1 || s < 1) continue;
+    if (s > (kMaxElements - span) / (t->shape[d] - 1))
+      return invalid(arg, "shape " + shape_string(t) + " with its strides spans more than 2^48 "
+                          "elements (too large)");
+    span += (t->shape[d] - 1) * s;
+  }
   // Each outer stride must step over the whole extent of the dimensions inside it.
   for (int d = ndim - 2; d >= 0; --d) {
     int64_t inner_extent = 1;

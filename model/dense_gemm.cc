@@ -29,6 +29,11 @@ void DenseGemm::run(const float* x, int64_t M, int64_t K, int64_t ldx, const flo
                     float* y, int64_t ldy) {
   if (M == 0 || N == 0) return;
   if (backend_ == GemmBackend::kOpenBlas) {
+    if (M == 1) {  // decode: sgemm does not take its matrix-vector path for one row
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(N), static_cast<blasint>(K),
+                  1.0f, w, static_cast<blasint>(K), x, 1, 0.0f, y, 1);
+      return;
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M),
                 static_cast<blasint>(N), static_cast<blasint>(K), 1.0f, x,
                 static_cast<blasint>(ldx), w, static_cast<blasint>(K), 0.0f, y,

@@ -68,6 +68,8 @@ class KvCache {
   explicit KvCache(const Model& model, int64_t capacity = 0);
   int64_t length() const { return length_; }
   void clear() { length_ = 0; }
+  // Forgets every token after the first n (n <= length()).
+  void truncate(int64_t n) { length_ = n < length_ ? (n > 0 ? n : 0) : length_; }
 
  private:
   friend class Model;

@@ -4,6 +4,7 @@
 #include <new>
 
 #include "dispatch/validate.h"
+#include "kernels/moe/fp8_vnni.h"
 #include "kernels/moe/moe.h"
 
 using namespace moekit;
@@ -160,7 +161,11 @@ moekit_status moekit_experts_pack(const moekit_experts_desc* d, moekit_pack_layo
           return c.invalid(snames[i], "pointer of expert " + std::to_string(e) + " is NULL");
     }
   }
-  const moekit_pack_layout resolved = layout == MOEKIT_LAYOUT_AUTO ? preferred_layout(d->dtype) : layout;
+  moekit_pack_layout resolved = layout == MOEKIT_LAYOUT_AUTO ? preferred_layout(d->dtype) : layout;
+  // FP8 blocks that the VNNI form cannot hold stay plain (the reference reads every block size).
+  if (layout == MOEKIT_LAYOUT_AUTO && d->dtype == MOEKIT_FP8_E4M3 && resolved == MOEKIT_LAYOUT_VNNI &&
+      fp8_vnni_unsupported(d->block_n, d->block_k) != nullptr)
+    resolved = MOEKIT_LAYOUT_PLAIN;
   moekit_experts* packed = nullptr;
   if (moekit_status s = pack_experts(*d, resolved, &packed)) return s;
   *out = packed;

@@ -18,6 +18,9 @@
 #include "kernels/moe/fp8_convert.h"
 
 namespace moekit {
+// Unnamed: each including file (compiled with its own ISA flags) keeps its own copy, so the
+// linker can never substitute another level's version.
+namespace {
 namespace fp8_avx2 {
 
 // 16 e4m3 bytes -> 16 fp16 bit patterns (in element order).
@@ -70,6 +73,7 @@ inline __m256i to_bf16(__m128i q) {
 }
 
 }  // namespace fp8_avx2
+}  // namespace
 }  // namespace moekit
 
 #endif  // MOEKIT_KERNELS_MOE_FP8_CONVERT_AVX2_H_

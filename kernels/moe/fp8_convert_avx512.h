@@ -26,6 +26,9 @@
 #include "kernels/moe/fp8_convert.h"
 
 namespace moekit {
+// Unnamed: each including file (compiled with its own ISA flags) keeps its own copy, so the
+// linker can never substitute another level's version.
+namespace {
 namespace fp8_avx512 {
 
 inline __m512i subnormal_table() {
@@ -64,6 +67,7 @@ inline void to_f32(__m256i q, __m512i table, __m512* lo, __m512* hi) {
 }
 
 }  // namespace fp8_avx512
+}  // namespace
 }  // namespace moekit
 
 #endif  // MOEKIT_KERNELS_MOE_FP8_CONVERT_AVX512_H_

@@ -9,6 +9,7 @@
 
 #include "dispatch/runtime.h"
 #include "kernels/moe/moe.h"
+#include "kernels/moe/fp8_vnni.h"
 #include "kernels/moe/moe_microkernel.h"
 #include "reference/numeric.h"
 
@@ -42,9 +43,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layout,
                            moekit_experts** out) {
   const bool vnni = layout == MOEKIT_LAYOUT_VNNI;
-  if (vnni && d.dtype == MOEKIT_FP8_E4M3)
-    return set_error(MOEKIT_ERR_UNSUPPORTED,
-                     "moekit_experts_pack: the vnni layout holds f32 and bf16 weights only");
+  if (vnni && d.dtype == MOEKIT_FP8_E4M3) return fp8_pack_experts_vnni(d, out);  // fp8_vnni.cc
   if (layout != MOEKIT_LAYOUT_PLAIN && !vnni)
     return set_error(MOEKIT_ERR_UNSUPPORTED,
                      std::string("moekit_experts_pack: layout ") + moekit_pack_layout_name(layout) +
@@ -106,7 +105,8 @@ moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layo
 
 // Every ISA level has VNNI microkernels for F32 and BF16 weights (scalar included).
 moekit_pack_layout preferred_layout(moekit_dtype dtype) {
-  return dtype == MOEKIT_FP8_E4M3 ? MOEKIT_LAYOUT_PLAIN : MOEKIT_LAYOUT_VNNI;
+  (void)dtype;  // FP8 too: its VNNI form keeps one byte per weight (fp8_vnni.h)
+  return MOEKIT_LAYOUT_VNNI;
 }
 
 void vnni_pack_matrix(const void* src, moekit_dtype dtype, int64_t N, int64_t K, void* dst) {
@@ -179,6 +179,10 @@ void moekit_experts::decode_row(int64_t e, moekit::ExpertMatrix m, int64_t n, fl
   const unsigned char* base = matrix(e, m);
   switch (layout) {
     case MOEKIT_LAYOUT_VNNI:
+      if (dtype == MOEKIT_FP8_E4M3) {
+        fp8_vnni_decode_row(base, K, block_k, n, out);
+        break;
+      }
       vnni_decode_row(base, dtype, K, n, out);
       break;
     case MOEKIT_LAYOUT_PLAIN:

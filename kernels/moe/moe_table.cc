@@ -1,5 +1,6 @@
 // Dispatch tables of the blockwise expert matmul, best first; the reference is always last.
 // Each fused_moe entry is the generic pipeline (moe_pipeline.cc) run with one microkernel.
+#include "kernels/moe/fp8_vnni.h"
 #include "kernels/moe/moe_microkernel.h"
 #include "reference/reference.h"
 
@@ -23,8 +24,19 @@ const ImplList<MoeAlignArgs>& moe_align_impls() {
         [](const FusedMoeArgs& a) { fused_moe_pipeline(Kernel(), a); }                      \
   }
 
+// The same for FP8 microkernels, which also check the block sizes (fp8_vnni.h).
+#define MOEKIT_MOE_FP8_ENTRY(Kernel, level)                                                \
+  {                                                                                         \
+    Kernel().name, level,                                                                   \
+        [](const FusedMoeArgs& a) { return fp8_fused_moe_supports(Kernel(), a); },         \
+        [](const FusedMoeArgs& a) { fused_moe_pipeline(Kernel(), a); }                      \
+  }
+
 const ImplList<FusedMoeArgs>& fused_moe_impls() {
   static const ImplList<FusedMoeArgs> impls = {
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512bf16, MOEKIT_ISA_AVX512_BF16),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx2, MOEKIT_ISA_AVX2),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_scalar, MOEKIT_ISA_SCALAR),
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16),
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512, MOEKIT_ISA_AVX512),
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx512, MOEKIT_ISA_AVX512),

@@ -1,0 +1,285 @@
+// FP8 experts: every FP8 fused-MoE microkernel (run through the pipeline on FP8 VNNI handles)
+// against the reference on the checkpoint's plain layout, over a subset of the MoE shape sweep,
+// block scales spanning 1e-4 .. 1e3, block sizes 64/128/256 with partial last blocks, and NaN
+// weights (NaN must reach exactly the outputs that depend on them).
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "kernels/moe/fp8_vnni.h"
+#include "kernels/moe/moe.h"
+#include "reference/reference.h"
+#include "tests/test_util.h"
+
+namespace {
+
+using namespace moekit;
+
+struct Fp8Kernel {
+  const MoeMicrokernel& (*get)();
+  moekit_isa level;
+  const char* name;
+};
+const std::vector<Fp8Kernel>& fp8_kernels() {
+  static const std::vector<Fp8Kernel> kernels = {
+      {moe_microkernel_fp8_avx512bf16, MOEKIT_ISA_AVX512_BF16, "fused_moe_fp8_avx512bf16_vnni"},
+      {moe_microkernel_fp8_avx2, MOEKIT_ISA_AVX2, "fused_moe_fp8_avx2_vnni"},
+      {moe_microkernel_fp8_scalar, MOEKIT_ISA_SCALAR, "fused_moe_fp8_scalar_vnni"},
+  };
+  return kernels;
+}
+
+struct Case {
+  int64_t H, I, E, k, M, block_n, block_k;
+};
+
+struct HandleDeleter {
+  void operator()(moekit_experts* h) const { delete h; }
+};
+using Handle = std::unique_ptr<moekit_experts, HandleDeleter>;
+
+// A random e4m3 byte: mostly normals of magnitude 2^-3 .. 2^3, some subnormals and zeros.
+uint8_t random_fp8(std::mt19937& rng) {
+  const uint32_t r = rng();
+  const uint32_t sign = (r >> 31) << 7, mantissa = r & 7;
+  const uint32_t exponent = (r >> 8) % 16 == 0 ? 0 : 4 + (r >> 12) % 7;
+  return static_cast<uint8_t>(sign | exponent << 3 | mantissa);
+}
+
+// Weights and scales of E experts, kept alive for the handles' packing.
+struct Fp8Weights {
+  int64_t E, H, I, block_n, block_k;
+  std::vector<std::vector<uint8_t>> q[3];    // w1, w3, w2
+  std::vector<std::vector<float>> scale[3];
+  std::vector<const void*> q_ptr[3];
+  std::vector<const float*> scale_ptr[3];
+
+  Fp8Weights(const Case& c, uint32_t seed) : E(c.E), H(c.H), I(c.I), block_n(c.block_n), block_k(c.block_k) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> log_scale(std::log(1e-4f), std::log(1e3f));
+    for (int i = 0; i < 3; ++i) {
+      const int64_t rows = i == 2 ? H : I, cols = i == 2 ? I : H;
+      const int64_t scales = ((rows + block_n - 1) / block_n) * ((cols + block_k - 1) / block_k);
+      q[i].resize(E);
+      scale[i].resize(E);
+      for (int64_t e = 0; e < E; ++e) {
+        q[i][e].resize(rows * cols);
+        for (uint8_t& b : q[i][e]) b = random_fp8(rng);
+        scale[i][e].resize(scales);
+        // Scales over the whole range, but comparable within a matrix's first blocks so that
+        // no output is dominated by a single block.
+        for (float& s : scale[i][e]) s = std::exp(log_scale(rng));
+        scale[i][e][0] = 1e-4f;
+        scale[i][e][scales - 1] = 1e3f;
+      }
+    }
+  }
+  moekit_experts_desc desc() {
+    for (int i = 0; i < 3; ++i) {
+      q_ptr[i].clear();
+      scale_ptr[i].clear();
+      for (int64_t e = 0; e < E; ++e) {
+        q_ptr[i].push_back(q[i][e].data());
+        scale_ptr[i].push_back(scale[i][e].data());
+      }
+    }
+    moekit_experts_desc d{};
+    d.num_experts = E;
+    d.hidden = H;
+    d.inter = I;
+    d.dtype = MOEKIT_FP8_E4M3;
+    d.w1 = q_ptr[0].data();
+    d.w3 = q_ptr[1].data();
+    d.w2 = q_ptr[2].data();
+    d.w1_scale = scale_ptr[0].data();
+    d.w3_scale = scale_ptr[1].data();
+    d.w2_scale = scale_ptr[2].data();
+    d.block_n = block_n;
+    d.block_k = block_k;
+    return d;
+  }
+};
+
+struct Routing {
+  std::vector<float> x, weights;
+  std::vector<int32_t> ids;
+};
+
+Routing make_routing(const Case& c, uint32_t seed) {
+  Routing r;
+  r.x = moekit_test::random_floats(static_cast<size_t>(c.M * c.H), seed);
+  r.weights = moekit_test::random_floats(static_cast<size_t>(c.M * c.k), seed + 1, 0.0f, 1.0f);
+  std::mt19937 rng(seed + 2);
+  std::vector<int32_t> experts(c.E);
+  for (int64_t e = 0; e < c.E; ++e) experts[e] = static_cast<int32_t>(e);
+  for (int64_t m = 0; m < c.M; ++m) {
+    std::shuffle(experts.begin(), experts.end(), rng);
+    for (int64_t j = 0; j < c.k; ++j) r.ids.push_back(experts[j]);
+  }
+  return r;
+}
+
+FusedMoeArgs make_args(const moekit_experts* h, const Case& c, const Routing& r, float* out) {
+  FusedMoeArgs a;
+  a.experts = h;
+  a.M = c.M;
+  a.k = c.k;
+  a.hidden = r.x.data();
+  a.hidden_stride = c.H;
+  a.hidden_dtype = MOEKIT_F32;
+  a.topk_weights = r.weights.data();
+  a.topk_weights_stride = c.k;
+  a.topk_ids = r.ids.data();
+  a.topk_ids_stride = c.k;
+  a.topk_ids_dtype = MOEKIT_I32;
+  a.out = out;
+  a.out_stride = c.H;
+  a.out_dtype = MOEKIT_F32;
+  a.threads = 2;
+  return a;
+}
+
+Handle pack(Fp8Weights& w, moekit_pack_layout layout) {
+  moekit_experts* h = nullptr;
+  const moekit_experts_desc d = w.desc();
+  const moekit_status s =
+      layout == MOEKIT_LAYOUT_VNNI ? fp8_pack_experts_vnni(d, &h) : pack_experts(d, layout, &h);
+  EXPECT_EQ(s, MOEKIT_OK) << moekit_last_error();
+  return Handle(h);
+}
+
+// Compares out with the reference: NaN exactly where the reference has NaN; elsewhere within
+// tol of the reference, relative to the magnitude of the token's row (the kernels round the
+// activations and the intermediate to bf16, the reference computes in double).
+void expect_close(const std::vector<float>& want, const std::vector<float>& got, int64_t M,
+                  int64_t H, double tol, const char* what) {
+  int64_t bad = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    double row_scale = 0.0;
+    for (int64_t h = 0; h < H; ++h)
+      if (!std::isnan(want[m * H + h])) row_scale = std::max(row_scale, std::fabs(double(want[m * H + h])));
+    for (int64_t h = 0; h < H; ++h) {
+      const float w = want[m * H + h], g = got[m * H + h];
+      const bool ok = std::isnan(w) ? std::isnan(g) : std::fabs(double(g) - w) <= tol * row_scale + 1e-30;
+      if (!ok && ++bad <= 5)
+        ADD_FAILURE() << what << ": out[" << m << "][" << h << "] = " << g << ", reference " << w
+                      << " (row max " << row_scale << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0) << what;
+  if (getenv("MOEKIT_TEST_VERBOSE")) {
+    double worst = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      double row_scale = 1e-30;
+      for (int64_t h = 0; h < H; ++h)
+        if (!std::isnan(want[m * H + h])) row_scale = std::max(row_scale, std::fabs(double(want[m * H + h])));
+      for (int64_t h = 0; h < H; ++h)
+        if (!std::isnan(want[m * H + h])) worst = std::max(worst, std::fabs(double(got[m * H + h]) - want[m * H + h]) / row_scale);
+    }
+    printf("%s: worst error / row max = %.3g\n", what, worst);
+  }
+}
+
+double tolerance(const MoeMicrokernel& uk) { return uk.a_dtype == MOEKIT_BF16 ? 3e-2 : 1e-5; }
+
+class MoeFp8Test : public ::testing::TestWithParam<int> {
+ protected:
+  const Fp8Kernel& kernel() const { return fp8_kernels()[GetParam()]; }
+
+  // Runs case c with the kernel and the reference and compares them; returns the number of
+  // NaN outputs of the reference.
+  int64_t run_case(const Case& c, uint32_t seed, void (*poison)(Fp8Weights&) = nullptr) {
+    SCOPED_TRACE(testing::Message() << "H=" << c.H << " I=" << c.I << " E=" << c.E << " k=" << c.k
+                                    << " M=" << c.M << " block " << c.block_n << "x" << c.block_k);
+    Fp8Weights w(c, seed);
+    if (poison) poison(w);
+    const Routing r = make_routing(c, seed + 7);
+    Handle plain = pack(w, MOEKIT_LAYOUT_PLAIN), vnni = pack(w, MOEKIT_LAYOUT_VNNI);
+    if (!plain || !vnni) {
+      ADD_FAILURE() << "packing failed";
+      return 0;
+    }
+    // The reference of a (case, seed, poison) is computed once and shared by the kernels.
+    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t>,
+                    std::vector<float>>
+        references;
+    std::vector<float>& want =
+        references[{c.H, c.I, c.E, c.k, c.M, c.block_n, c.block_k, seed}];
+    if (want.empty()) {
+      want.assign(c.M * c.H, -1.0f);
+      ref_fused_moe(make_args(plain.get(), c, r, want.data()));
+    }
+    std::vector<float> got(c.M * c.H, std::nanf("0x5e"));
+    const MoeMicrokernel& uk = kernel().get();
+    const FusedMoeArgs a = make_args(vnni.get(), c, r, got.data());
+    const char* why = fp8_fused_moe_supports(uk, a);
+    EXPECT_EQ(why, nullptr) << why;
+    if (why) return 0;
+    fused_moe_pipeline(uk, a);
+    expect_close(want, got, c.M, c.H, tolerance(uk), uk.name);
+    return std::count_if(want.begin(), want.end(), [](float v) { return std::isnan(v); });
+  }
+};
+
+TEST_P(MoeFp8Test, SmallShapes) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(fp8_kernels()[GetParam()]);
+  const Case cases[] = {
+      {64, 32, 1, 1, 1, 128, 128},   {64, 32, 8, 2, 17, 128, 128}, {64, 32, 8, 8, 64, 64, 64},
+      {64, 32, 64, 8, 17, 128, 128}, {64, 32, 64, 1, 2, 256, 256}, {96, 48, 8, 2, 64, 16, 64},
+      {77, 45, 8, 2, 17, 64, 64},  // odd K in both GEMMs, partial panels and blocks
+  };
+  uint32_t seed = 100;
+  for (const Case& c : cases) run_case(c, seed++);
+}
+
+TEST_P(MoeFp8Test, ModelShapes) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(fp8_kernels()[GetParam()]);
+  const bool scalar = kernel().level == MOEKIT_ISA_SCALAR;
+  const Case cases[] = {
+      {3072, 1536, 8, 8, 1, 128, 128},  // MiniMax-M2 decode
+      {3072, 1536, 8, 2, 2, 128, 128},
+      {4096 + 13, 1536, 8, 1, 2, 128, 128},  // partial last K block, odd K
+      {4096 + 13, 32, 8, 2, 17, 256, 256},
+      {3072, 1536, 1, 1, 17, 64, 64},
+  };
+  uint32_t seed = 200;
+  for (const Case& c : cases) {
+    if (scalar && c.M > 2) continue;  // the scalar kernel is slow; its small shapes suffice
+    run_case(c, seed++);
+  }
+}
+
+// A NaN in w1[n][k] of an expert poisons every output of the tokens routed to it (gate n is
+// NaN, and the down projection sums every intermediate column); a NaN in w2[h][n] poisons only
+// column h of those tokens.
+TEST_P(MoeFp8Test, NaNWeights) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(fp8_kernels()[GetParam()]);
+  const Case c{96, 64, 4, 1, 17, 64, 64};
+  // Tokens routed to expert 1: whole rows.
+  const int64_t rows_nan = run_case(c, 300, [](Fp8Weights& w) { w.q[0][1][5 * w.H + 70] = 0x7F; });
+  EXPECT_GT(rows_nan, 0);
+  EXPECT_EQ(rows_nan % c.H, 0);
+  EXPECT_LT(rows_nan, c.M * c.H);
+  // Tokens routed to expert 2: column 33 only.
+  const int64_t column_nan = run_case(c, 301, [](Fp8Weights& w) { w.q[2][2][33 * w.I + 7] = 0xFF; });
+  EXPECT_GT(column_nan, 0);
+  EXPECT_LT(column_nan, c.M);
+  // The last K value of the last row of w3 of expert 3.
+  EXPECT_GT(run_case(c, 302, [](Fp8Weights& w) { w.q[1][3][w.I * w.H - 1] = 0x7F; }), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, MoeFp8Test,
+                         ::testing::ValuesIn([] {
+                           std::vector<int> v;
+                           for (size_t i = 0; i < fp8_kernels().size(); ++i) v.push_back(static_cast<int>(i));
+                           return v;
+                         }()),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return std::string(fp8_kernels()[info.param].name);
+                         });
+
+}  // namespace

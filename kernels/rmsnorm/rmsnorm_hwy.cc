@@ -38,7 +38,11 @@ namespace rmsnorm_hwy {
 
 // Below this many elements (rows * width) one thread does the whole call: an OpenMP region
 // costs a few microseconds, about what 2 threads save on 64K bf16 elements (bench_rmsnorm).
-constexpr int64_t kParallelMinElements = int64_t{1} << 16;
+// A build may override it (-DMOEKIT_RMSNORM_PARALLEL_MIN_ELEMENTS=n) to measure the crossover.
+#ifndef MOEKIT_RMSNORM_PARALLEL_MIN_ELEMENTS
+#define MOEKIT_RMSNORM_PARALLEL_MIN_ELEMENTS (int64_t{1} << 16)
+#endif
+constexpr int64_t kParallelMinElements = MOEKIT_RMSNORM_PARALLEL_MIN_ELEMENTS;
 
 // When sumsq/width + eps falls below this, subnormal f32 squares could matter: use the reference.
 constexpr double kMinTrustedMeanSquare = 1e-30;
@@ -177,7 +181,14 @@ HWY_INLINE hn::Vec<hn::Rebind<uint32_t, DF>> Bf16Bits(DF df, VF v) {
   const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(d32, 1u));
   const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(hn::Set(d32, 0x7FFFu), lsb)));
   const auto quiet_nan = hn::ShiftRight<16>(hn::Or(bits, hn::Set(d32, 0x00400000u)));
-  return hn::IfThenElse(hn::RebindMask(d32, hn::IsNaN(v)), quiet_nan, rounded);
+  const auto is_nan = hn::RebindMask(d32, hn::IsNaN(v));
+#if HWY_TARGET == HWY_SCALAR
+  // Bitwise select: the compiler turns a one-lane IfThenElse into a select through memory.
+  const auto nan_lanes = hn::VecFromMask(d32, is_nan);
+  return hn::Or(hn::And(nan_lanes, quiet_nan), hn::AndNot(nan_lanes, rounded));
+#else
+  return hn::IfThenElse(is_nan, quiet_nan, rounded);
+#endif
 }
 
 HWY_INLINE void StoreRow(DF df, VF v, float* p) { hn::StoreU(v, df, p); }

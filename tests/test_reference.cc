@@ -619,6 +619,22 @@ TEST(TopkRoute, NegativeInfinityIsAnOrdinaryLowestNumber) {
   });
 }
 
+TEST(TopkRoute, AllNegativeInfinityRow) {
+  for_each_level("topk_route", [] {
+    // Softmax: max is -inf, exp(-inf - -inf) = NaN: weight NaN (as torch.softmax), ids the lowest
+    // (all selection scores are NaN, ties to the lower index). Sigmoid(-inf) = 0: weight 0.
+    RouteResult s = route({-kInf, -kInf, -kInf, -kInf}, 1, 4, params(2, MOEKIT_SCORING_SOFTMAX));
+    TRACE_IMPL("topk_route");
+    EXPECT_EQ(s.ids, (std::vector<int64_t>{0, 1}));
+    EXPECT_TRUE(std::isnan(s.weights[0]));
+    EXPECT_TRUE(std::isnan(s.weights[1]));
+    RouteResult g = route({-kInf, -kInf, -kInf, -kInf}, 1, 4, params(2, MOEKIT_SCORING_SIGMOID));
+    EXPECT_EQ(g.ids, (std::vector<int64_t>{0, 1}));
+    EXPECT_EQ(g.weights[0], 0.0f);
+    EXPECT_EQ(g.weights[1], 0.0f);
+  });
+}
+
 TEST(TopkRoute, NaNRanksBelowEveryNumber) {
   for_each_level("topk_route", [] {
     // [NaN, -inf, 1, NaN], sigmoid: 1 first, then -inf (score 0), then the NaNs by index.

@@ -153,7 +153,8 @@ MOEKIT_API moekit_route_params moekit_route_params_default(void);
 /* logits [M, E] f32/bf16; bias [E] f32 or NULL (added for selection only);
  * weights [M, k] f32; ids [M, k] i32 or i64. Ids are ordered by descending selection score,
  * ties to the lower index. NaN scores rank below every number; a row of all NaN gives the
- * lowest ids with weight NaN. -inf logits are ordinary (lowest) numbers. */
+ * lowest ids with weight NaN. -inf logits are ordinary (lowest) numbers, except that a softmax
+ * row of only -inf has no finite maximum and gives weight NaN (as torch.softmax does). */
 MOEKIT_API moekit_status moekit_topk_route(const moekit_tensor* logits, const moekit_tensor* bias,
                                            const moekit_route_params* params,
                                            moekit_tensor* weights, moekit_tensor* ids);

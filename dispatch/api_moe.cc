@@ -1,6 +1,7 @@
 // C API entry points of the blockwise expert matmul: token alignment, packing, workspace and
 // the fused MoE call. Validate, fill the arguments, dispatch.
 #include <algorithm>
+#include <cstdint>
 #include <new>
 
 #include "dispatch/validate.h"
@@ -13,6 +14,7 @@ namespace {
 
 constexpr int64_t kMaxExperts = int64_t{1} << 20;
 constexpr int64_t kMaxBlockM = 1024;
+constexpr int64_t kMaxBlock = int64_t{1} << 20;  // FP8 scale block sides
 
 int64_t id_at(const moekit_tensor* ids, int64_t m, int64_t j) {
   const int64_t i = m * stride_of(ids, 0) + j;
@@ -71,6 +73,10 @@ moekit_status moekit_moe_align(const moekit_tensor* ids, int64_t num_experts,
                                moekit_tensor* num_rows) {
   Checker c("moekit_moe_align");
   if (moekit_status s = c.tensor("ids", ids, 2, {MOEKIT_I32, MOEKIT_I64})) return s;
+  // sorted_pairs holds token * k + slot and num_rows the padded row count, both as i32.
+  if (ids->shape[0] * ids->shape[1] > INT32_MAX / 2)
+    return c.invalid("ids", std::to_string(ids->shape[0] * ids->shape[1]) +
+                                " pairs are too many for the i32 outputs (at most 2^30)");
   if (num_experts < 1 || num_experts > kMaxExperts)
     return c.invalid("num_experts", std::to_string(num_experts) + " is out of range [1, 2^20]");
   if (block_m < 1 || block_m > kMaxBlockM)
@@ -152,6 +158,10 @@ moekit_status moekit_experts_pack(const moekit_experts_desc* d, moekit_pack_layo
   if (d->dtype == MOEKIT_FP8_E4M3) {
     if (d->block_n < 1 || d->block_k < 1)
       return c.invalid("desc.block_n/block_k", "FP8 weights need positive block sizes");
+    if (d->block_n > kMaxBlock || d->block_k > kMaxBlock)  // keeps ceil divisions from overflowing
+      return c.invalid("desc.block_n/block_k", "block sizes " + std::to_string(d->block_n) + " x " +
+                                                   std::to_string(d->block_k) +
+                                                   " exceed 2^20");
     const float* const* scales[3] = {d->w1_scale, d->w3_scale, d->w2_scale};
     const char* snames[3] = {"desc.w1_scale", "desc.w3_scale", "desc.w2_scale"};
     for (int i = 0; i < 3; ++i) {

@@ -798,6 +798,10 @@ TEST_F(MoeAlignApi, MoeAlign) {
   EXPECT_REJECTED(
       out_, moekit_moe_align(&ids, kE, nullptr, kBlock, &sorted, &blocks, &rows_on_blocks), fn,
       "sorted_pairs/block_expert/num_rows", "overlap");
+  // More pairs than the i32 outputs can number (the ids are never read: a dummy buffer).
+  moekit_tensor ids_many = make_tensor(ids_.data(), MOEKIT_I32, {int64_t{1} << 20, 1 << 12});
+  EXPECT_REJECTED(out_, moekit_moe_align(&ids_many, kE, nullptr, kBlock, &sorted, &blocks, &rows),
+                  fn, "ids", "too many");
   moekit_tensor ids_huge = make_tensor(ids_.data(), MOEKIT_I32, {kHuge, 2});
   EXPECT_REJECTED(out_, moekit_moe_align(&ids_huge, kE, nullptr, kBlock, &sorted, &blocks, &rows),
                   fn, "ids", "too large");
@@ -895,6 +899,13 @@ TEST(Api, ExpertsPack) {
   d.block_k = -128;
   EXPECT_REJECTED(out, moekit_experts_pack(&d, MOEKIT_LAYOUT_AUTO, handle), fn,
                   "desc.block_n/block_k", "positive");
+  d.block_k = std::numeric_limits<int64_t>::max();  // ceil(K / block_k) must not overflow
+  EXPECT_REJECTED(out, moekit_experts_pack(&d, MOEKIT_LAYOUT_AUTO, handle), fn,
+                  "desc.block_n/block_k", "exceed");
+  d.block_k = 128;
+  d.block_n = kHuge;
+  EXPECT_REJECTED(out, moekit_experts_pack(&d, MOEKIT_LAYOUT_AUTO, handle), fn,
+                  "desc.block_n/block_k", "exceed");
   // A layout this build or CPU cannot make is an error naming the layout (when one exists).
   for (moekit_pack_layout layout : {MOEKIT_LAYOUT_VNNI, MOEKIT_LAYOUT_AMX}) {
     moekit_experts* h = nullptr;

@@ -17,7 +17,7 @@ namespace {
 struct Avx512 {
   using F = __m512;
   static constexpr int kLanes = 16;
-  static constexpr int kUpRows = 4, kUpPanels = 2, kDownRows = 4, kDownPanels = 4;
+  static constexpr int kUpRows = 6, kUpPanels = 2, kDownRows = 6, kDownPanels = 4;
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }

@@ -140,8 +140,43 @@ DownFn pick_down(int rows, int panels) {
 
 inline int panels_of(int64_t n) { return static_cast<int>((n + kMoePanelN - 1) / kMoePanelN); }
 
+// Rows from which a bf16 tile is widened to f32 once (into the per-thread scratch, where it
+// stays in L2) instead of on every pass of the register tile over K: widening costs two vector
+// ALU operations per weight vector, which compete with the FMAs for the same ports.
+constexpr int64_t kWidenMinRows = 8;
+
+// bf16 VNNI panels -> f32 VNNI panels (exactly), `panels` panels of K.
+template <class V>
+void widen_tile(const uint16_t* src, int64_t panels, int64_t K, float* dst) {
+  constexpr int VP = vectors_per_panel<V>();
+  const int64_t panel_elems = vnni_padded_k(K) * kMoePanelN;
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t kk = 0; kk < (K + 1) / 2; ++kk)
+      for (int v = 0; v < VP; ++v) {
+        typename V::F even, odd;
+        V::widen(src + p * panel_elems + kk * 2 * kMoePanelN + v * 2 * V::kLanes, &even, &odd);
+        float* row = dst + p * panel_elems + 2 * kk * kMoePanelN + v * V::kLanes;
+        V::store(row, even, V::kLanes);
+        V::store(row + kMoePanelN, odd, V::kLanes);
+      }
+}
+
 template <class V, moekit_dtype kW>
 void gate_up(const MoeGateUpCall& call) {
+  if constexpr (kW == MOEKIT_BF16) {
+    if (call.m >= kWidenMinRows) {
+      const int64_t panels = panels_of(call.n), panel_elems = vnni_padded_k(call.K) * kMoePanelN;
+      float* w1 = static_cast<float*>(call.scratch);
+      float* w3 = w1 + panels * panel_elems;
+      widen_tile<V>(static_cast<const uint16_t*>(call.w1), panels, call.K, w1);
+      widen_tile<V>(static_cast<const uint16_t*>(call.w3), panels, call.K, w3);
+      MoeGateUpCall widened = call;
+      widened.w1 = w1;
+      widened.w3 = w3;
+      gate_up<V, MOEKIT_F32>(widened);
+      return;
+    }
+  }
   const int64_t panel_elems = vnni_padded_k(call.K) * kMoePanelN;
   const int np = panels_of(call.n);
   for (int64_t r0 = 0; r0 < call.m; r0 += V::kUpRows) {
@@ -157,6 +192,16 @@ void gate_up(const MoeGateUpCall& call) {
 
 template <class V, moekit_dtype kW>
 void down(const MoeDownCall& call) {
+  if constexpr (kW == MOEKIT_BF16) {
+    if (call.m >= kWidenMinRows) {
+      float* w2 = static_cast<float*>(call.scratch);
+      widen_tile<V>(static_cast<const uint16_t*>(call.w2), panels_of(call.n), call.K, w2);
+      MoeDownCall widened = call;
+      widened.w2 = w2;
+      down<V, MOEKIT_F32>(widened);
+      return;
+    }
+  }
   const int64_t panel_elems = vnni_padded_k(call.K) * kMoePanelN;
   const int np = panels_of(call.n);
   for (int64_t r0 = 0; r0 < call.m; r0 += V::kDownRows) {

@@ -132,8 +132,9 @@ struct MoeMicrokernel {
 const void* vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatrix which, int64_t n0,
                              int64_t n, void* scratch);
 
-// Per-thread scratch the driver hands out: two weight tiles (w1 and w3) of kMoeMaxTileN columns
-// of K = max(H, I), 4 bytes each, and the same again for the kernel's own `scratch`.
+// Bytes of one per-thread scratch region: a tile of kMoeMaxTileN columns of K (4 bytes per
+// value). Each thread gets three regions of K = max(H, I): the w1 tile (also used for w2), the
+// w3 tile, and MoeGateUpCall/MoeDownCall::scratch.
 size_t moe_tile_scratch_bytes(int64_t K);
 
 // nullptr when the pipeline with `uk` can serve `a` (layout, dtypes), else why not.

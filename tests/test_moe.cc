@@ -121,10 +121,13 @@ TEST(MoePack, VnniDecodesToTheCheckpoint) {
 }
 
 TEST(MoePack, PreferredLayoutIsVnniForFloatWeights) {
-  EXPECT_EQ(moekit::preferred_layout(MOEKIT_BF16), MOEKIT_LAYOUT_VNNI);
+  // bf16 on an AMX machine: the AMX layout, the same bytes (test_moe_amx.cc).
+  const moekit_pack_layout bf16_layout =
+      moekit_effective_isa() >= MOEKIT_ISA_AMX ? MOEKIT_LAYOUT_AMX : MOEKIT_LAYOUT_VNNI;
+  EXPECT_EQ(moekit::preferred_layout(MOEKIT_BF16), bf16_layout);
   EXPECT_EQ(moekit::preferred_layout(MOEKIT_F32), MOEKIT_LAYOUT_VNNI);
   auto w = make_weights(1, 8, 8, MOEKIT_BF16, 1, MOEKIT_LAYOUT_AUTO);
-  EXPECT_EQ(moekit_experts_layout(w->packed.get()), MOEKIT_LAYOUT_VNNI);
+  EXPECT_EQ(moekit_experts_layout(w->packed.get()), bf16_layout);
 }
 
 TEST(MoePack, WorkspaceSizeIsModestForMiniMax) {
@@ -428,7 +431,10 @@ class FusedMoeTest : public ::testing::TestWithParam<int> {
   const moekit::Impl<FusedMoeArgs>& impl() const { return moekit::fused_moe_impls()[GetParam()]; }
   void SetUp() override { MOEKIT_SKIP_IF_CANNOT_RUN(impl()); }
   bool is_reference() const { return std::string(impl().name).rfind("ref", 0) == 0; }
-  bool bf16_operands() const { return std::string(impl().name).find("avx512bf16") != std::string::npos; }
+  bool bf16_operands() const {
+    const std::string name = impl().name;
+    return name.find("avx512bf16") != std::string::npos || name.find("amx") != std::string::npos;
+  }
 
   // Runs the implementation on problem (ci, oi) with `threads`; output pre-filled with NaN
   // (including the stride gap, which must stay NaN). Returns false if it does not support it.

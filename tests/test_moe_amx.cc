@@ -1,18 +1,33 @@
 // AMX-BF16 expert matmul: the MOEKIT_LAYOUT_AMX packing, the microkernels against plain loops
 // (exact on small integers, within tolerance on random values) over shapes around the tile
-// sizes, and concurrent use from several threads. On CPUs without AMX the kernel tests report
-// themselves skipped.
+// sizes, the fused_moe entry "fused_moe_bf16_amx" (forced onto AMX tiles for every segment, and
+// with the default row threshold) against an exact model and the reference, concurrent calls
+// from several threads, and AMX handles read below the amx level. On CPUs without AMX the
+// kernel tests report themselves skipped.
+//
+// NOTE (exact fused MoE): with hidden and w1 in {1, 2} and H >= 32, every gate value g is an
+// integer >= 32, where silu(g) = g / (1 + exp(-g)) rounds to g in f32 in every implementation;
+// with w3, w2 in [-2, 2], up and act = g * up are integers below 2^24 (exact in f32), act is
+// rounded to bf16 (RNE) by every bf16 kernel, the down sums stay below 2^24, and the routing
+// weights are powers of two. So each kernel's output equals the model below exactly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "kernels/moe/moe_amx.h"
+#include "dispatch/runtime.h"
+#include "kernels/moe/moe_microkernel.h"
 #include "reference/numeric.h"
+#include "reference/reference.h"
 #include "test_util.h"
 
 namespace {
@@ -43,7 +58,8 @@ std::vector<uint16_t> padded_rows(const std::vector<uint16_t>& a, int64_t rows, 
 
 std::vector<uint16_t> pack(const std::vector<uint16_t>& w, int64_t n, int64_t k) {
   std::vector<uint16_t> packed(moekit::amx_packed_bytes(n, k) / 2, 0xFFFF);
-  moekit::amx_pack_matrix(w.data(), MOEKIT_BF16, n, k, packed.data());
+  EXPECT_EQ(moekit::amx_packed_bytes(n, k), moekit::vnni_matrix_bytes(n, k, MOEKIT_BF16));
+  moekit::vnni_pack_matrix(w.data(), MOEKIT_BF16, n, k, packed.data());
   return packed;
 }
 
@@ -68,7 +84,7 @@ TEST(AmxLayout, PackDecodeRoundTrip) {
       const auto packed = pack(w, n, k);
       std::vector<float> row(k);
       for (int64_t r = 0; r < n; ++r) {
-        moekit::amx_decode_row(packed.data(), k, r, row.data());
+        moekit::vnni_decode_row(packed.data(), MOEKIT_BF16, k, r, row.data());
         for (int64_t i = 0; i < k; ++i) ASSERT_EQ(row[i], bf16_to_f32(w[r * k + i])) << n << "x" << k;
       }
       // The documented layout, element by element; everything else is zero padding.
@@ -286,6 +302,348 @@ TEST(AmxGemm, ConcurrentThreadsWithDifferentShapes) {
     });
   for (std::thread& th : threads) th.join();
   for (const std::string& f : failures) EXPECT_EQ(f, "");
+}
+
+// ---- the fused_moe entry ---------------------------------------------------------------------
+
+struct ExpertsDeleter {
+  void operator()(moekit_experts* e) const { moekit_experts_free(e); }
+};
+using ExpertsPtr = std::unique_ptr<moekit_experts, ExpertsDeleter>;
+
+const moekit::Impl<moekit::FusedMoeArgs>& amx_entry() {
+  for (const auto& impl : moekit::fused_moe_impls())
+    if (std::string(impl.name) == "fused_moe_bf16_amx") return impl;
+  ADD_FAILURE() << "fused_moe_bf16_amx is not in the fused_moe table";
+  return moekit::fused_moe_impls().back();
+}
+
+// Sets the AMX row threshold for one scope.
+class MinRows {
+ public:
+  explicit MinRows(int64_t rows) { moekit::amx_set_min_rows(rows); }
+  ~MinRows() { moekit::amx_set_min_rows(0); }
+};
+
+// A routed MoE problem; integers = the exact regime of the NOTE above, else random values.
+struct MoeProblem {
+  int64_t E = 0, H = 0, I = 0, M = 0, k = 0;
+  bool integers = true;
+  moekit_dtype hidden_dtype = MOEKIT_BF16, out_dtype = MOEKIT_F32;
+  std::vector<float> w1, w3, w2;  // [E][I][H], [E][I][H], [E][H][I], values exact in bf16
+  std::vector<uint16_t> w1b, w3b, w2b;
+  ExpertsPtr packed;
+  std::vector<float> x;  // [M][H], exact in bf16
+  std::vector<unsigned char> hidden;
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+
+  int64_t out_bytes() const { return M * H * (out_dtype == MOEKIT_BF16 ? 2 : 4); }
+
+  moekit::FusedMoeArgs args(void* out, int threads) const {
+    moekit::FusedMoeArgs a;
+    a.experts = packed.get();
+    a.M = M;
+    a.k = k;
+    a.hidden = hidden.data();
+    a.hidden_stride = H;
+    a.hidden_dtype = hidden_dtype;
+    a.topk_weights = weights.data();
+    a.topk_weights_stride = k;
+    a.topk_ids = ids.data();
+    a.topk_ids_stride = k;
+    a.topk_ids_dtype = MOEKIT_I32;
+    a.out = out;
+    a.out_stride = H;
+    a.out_dtype = out_dtype;
+    a.threads = threads;
+    return a;
+  }
+
+  // The exact model (integers only): f32 output values.
+  std::vector<float> exact() const {
+    std::vector<double> sum(static_cast<size_t>(M * H), 0.0);
+    std::vector<double> act(static_cast<size_t>(I));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = ids[m * k + j];
+        for (int64_t i = 0; i < I; ++i) {
+          double g = 0, u = 0;
+          for (int64_t h = 0; h < H; ++h) {
+            g += static_cast<double>(x[m * H + h]) * w1[(e * I + i) * H + h];
+            u += static_cast<double>(x[m * H + h]) * w3[(e * I + i) * H + h];
+          }
+          act[i] = bf16_to_f32(moekit::f32_to_bf16(static_cast<float>(g * u)));
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          double d = 0;
+          for (int64_t i = 0; i < I; ++i) d += act[i] * w2[(e * H + h) * I + i];
+          sum[m * H + h] += weights[m * k + j] * d;
+        }
+      }
+    std::vector<float> out(sum.size());
+    for (size_t i = 0; i < sum.size(); ++i) {
+      out[i] = static_cast<float>(sum[i]);
+      if (out_dtype == MOEKIT_BF16) out[i] = bf16_to_f32(moekit::f32_to_bf16(out[i]));
+    }
+    return out;
+  }
+};
+
+// Tokens routed to experts with a skew: expert 0 gets most rows (AMX-sized segments), the
+// others few (decode-sized ones), so one call exercises both microkernels.
+std::unique_ptr<MoeProblem> make_problem(int64_t E, int64_t H, int64_t I, int64_t M, int64_t k,
+                                         bool integers, uint32_t seed,
+                                         moekit_pack_layout layout = MOEKIT_LAYOUT_AMX) {
+  auto p = std::make_unique<MoeProblem>();
+  p->E = E, p->H = H, p->I = I, p->M = M, p->k = k, p->integers = integers;
+  const auto values = [&](size_t n, uint32_t s, int lo, int hi, float scale) {
+    std::vector<float> v = integers ? random_ints(n, s, lo, hi) : random_floats(n, s, -scale, scale);
+    for (float& f : v) f = bf16_to_f32(moekit::f32_to_bf16(f));
+    return v;
+  };
+  const float s1 = 2.0f / std::sqrt(static_cast<float>(H)), s2 = 2.0f / std::sqrt(static_cast<float>(I));
+  p->w1 = values(E * I * H, seed, 1, 2, s1);
+  p->w3 = values(E * I * H, seed + 1, -2, 2, s1);
+  p->w2 = values(E * H * I, seed + 2, -2, 2, s2);
+  p->x = values(M * H, seed + 3, 1, 2, 1.0f);
+  p->w1b = to_bf16(p->w1), p->w3b = to_bf16(p->w3), p->w2b = to_bf16(p->w2);
+  std::vector<const void*> w1p, w3p, w2p;
+  for (int64_t e = 0; e < E; ++e) {
+    w1p.push_back(&p->w1b[e * I * H]);
+    w3p.push_back(&p->w3b[e * I * H]);
+    w2p.push_back(&p->w2b[e * H * I]);
+  }
+  moekit_experts_desc d{};
+  d.num_experts = E, d.hidden = H, d.inter = I, d.dtype = MOEKIT_BF16;
+  d.w1 = w1p.data(), d.w3 = w3p.data(), d.w2 = w2p.data();
+  moekit_experts* h = nullptr;
+  EXPECT_EQ(moekit_experts_pack(&d, layout, &h), MOEKIT_OK) << moekit_last_error();
+  p->packed.reset(h);
+  p->ids.resize(M * k);
+  p->weights.resize(M * k);
+  std::mt19937 rng(seed + 4);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < k; ++j) {
+      // Slot 0: expert 0 for 3 tokens in 4; the other slots spread over the rest, distinct.
+      int64_t e = (j == 0 && m % 4 != 3) ? 0 : 1 + static_cast<int64_t>(rng() % (E - 1));
+      for (int64_t prev = 0; prev < j; ++prev)
+        if (p->ids[m * k + prev] == e) e = (e + 1) % E, prev = -1;
+      p->ids[m * k + j] = static_cast<int32_t>(e);
+      p->weights[m * k + j] = integers ? (j % 2 == 0 ? 0.5f : 0.25f) : 0.1f + 0.2f * j;
+    }
+  return p;
+}
+
+void set_hidden(MoeProblem* p, moekit_dtype dtype) {
+  p->hidden_dtype = dtype;
+  const auto bf = to_bf16(p->x);
+  p->hidden.resize(p->x.size() * (dtype == MOEKIT_BF16 ? 2 : 4));
+  std::memcpy(p->hidden.data(), dtype == MOEKIT_BF16 ? static_cast<const void*>(bf.data())
+                                                     : static_cast<const void*>(p->x.data()),
+              p->hidden.size());
+}
+
+std::vector<float> run_entry(const moekit::Impl<moekit::FusedMoeArgs>& impl, const MoeProblem& p,
+                             int threads) {
+  std::vector<unsigned char> out(static_cast<size_t>(p.out_bytes()));
+  const bool bf = p.out_dtype == MOEKIT_BF16;
+  for (int64_t i = 0; i < p.M * p.H; ++i) moekit::store_float(out.data(), bf, i, kNaN);
+  const moekit::FusedMoeArgs a = p.args(out.data(), threads);
+  const char* why = impl.supports ? impl.supports(a) : nullptr;
+  EXPECT_EQ(why, nullptr) << impl.name << " refused: " << why;
+  if (why == nullptr) impl.run(a);
+  std::vector<float> values(static_cast<size_t>(p.M * p.H));
+  for (int64_t i = 0; i < p.M * p.H; ++i) values[i] = moekit::load_float(out.data(), bf, i);
+  return values;
+}
+
+struct MoeShape {
+  int64_t E, H, I, M, k;
+};
+// Around the tiles: H and I below, at and above multiples of 32/16, M from decode to more
+// than one 128-row segment per expert.
+const MoeShape kMoeShapes[] = {
+    {4, 32, 16, 1, 2},  {4, 32, 16, 16, 2}, {4, 45, 40, 40, 2},  {3, 70, 64, 33, 3},
+    {8, 64, 48, 100, 2}, {2, 96, 33, 150, 1}, {5, 33, 17, 200, 4},
+};
+
+TEST(FusedMoeAmx, ExactOnSmallIntegersForcedOntoTiles) {
+  SKIP_WITHOUT_AMX();
+  const auto& impl = amx_entry();
+  uint32_t seed = 5000;
+  for (const MoeShape& s : kMoeShapes) {
+    auto p = make_problem(s.E, s.H, s.I, s.M, s.k, true, seed += 10);
+    for (moekit_dtype hd : {MOEKIT_BF16, MOEKIT_F32})
+      for (moekit_dtype od : {MOEKIT_F32, MOEKIT_BF16}) {
+        set_hidden(p.get(), hd);
+        p->out_dtype = od;
+        const auto want = p->exact();
+        // 1: every segment on AMX tiles; default: mixed; huge: every segment on AVX-512-BF16.
+        for (int64_t min_rows : {int64_t{1}, int64_t{0}, int64_t{1} << 30}) {
+          MinRows scope(min_rows);
+          const auto got = run_entry(impl, *p, 2);
+          for (int64_t i = 0; i < s.M * s.H; ++i)
+            ASSERT_EQ(got[i], want[i])
+                << "E" << s.E << " H" << s.H << " I" << s.I << " M" << s.M << " k" << s.k
+                << " hidden " << moekit_dtype_name(hd) << " out " << moekit_dtype_name(od)
+                << " min_rows " << moekit::amx_min_rows() << " at [" << i / s.H << ", "
+                << i % s.H << "]";
+        }
+      }
+  }
+}
+
+TEST(FusedMoeAmx, RandomWithinToleranceOfTheReference) {
+  SKIP_WITHOUT_AMX();
+  const auto& impl = amx_entry();
+  uint32_t seed = 6000;
+  for (const MoeShape& s : {MoeShape{8, 256, 128, 64, 2}, MoeShape{4, 160, 96, 300, 2},
+                            MoeShape{6, 100, 70, 17, 3}}) {
+    auto p = make_problem(s.E, s.H, s.I, s.M, s.k, false, seed += 10);
+    set_hidden(p.get(), MOEKIT_BF16);
+    std::vector<float> want(static_cast<size_t>(s.M * s.H));
+    moekit::ref_fused_moe(p->args(want.data(), 2));
+    double scale = 0;
+    for (float v : want) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+    for (int64_t min_rows : {int64_t{1}, int64_t{0}}) {
+      MinRows scope(min_rows);
+      const auto got = run_entry(impl, *p, 2);
+      // bf16 operands and intermediate: as test_moe.cc, 2^-6 of the output's scale.
+      for (int64_t i = 0; i < s.M * s.H; ++i)
+        ASSERT_LE(std::fabs(got[i] - want[i]), std::ldexp(scale, -6))
+            << "M" << s.M << " min_rows " << moekit::amx_min_rows() << " at " << i;
+    }
+  }
+}
+
+TEST(FusedMoeAmx, SameBitsForAnyThreadCount) {
+  SKIP_WITHOUT_AMX();
+  auto p = make_problem(4, 96, 64, 90, 2, false, 7000);
+  set_hidden(p.get(), MOEKIT_F32);
+  const auto one = run_entry(amx_entry(), *p, 1);
+  EXPECT_EQ(run_entry(amx_entry(), *p, 2), one);
+  EXPECT_EQ(run_entry(amx_entry(), *p, 3), one);
+}
+
+TEST(FusedMoeAmx, ConcurrentCallsFromFourThreads) {
+  SKIP_WITHOUT_AMX();
+  std::vector<std::unique_ptr<MoeProblem>> problems;
+  std::vector<std::vector<float>> want;
+  for (int t = 0; t < 4; ++t) {
+    const MoeShape& s = kMoeShapes[t + 2];
+    problems.push_back(make_problem(s.E, s.H, s.I, s.M, s.k, true, 8000 + 10 * t));
+    set_hidden(problems.back().get(), t % 2 ? MOEKIT_F32 : MOEKIT_BF16);
+    want.push_back(problems.back()->exact());
+  }
+  std::vector<std::string> failures(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 5; ++rep)
+        if (run_entry(amx_entry(), *problems[t], 2) != want[t]) {
+          failures[t] = "thread " + std::to_string(t) + " rep " + std::to_string(rep);
+          return;
+        }
+    });
+  for (std::thread& th : threads) th.join();
+  for (const std::string& f : failures) EXPECT_EQ(f, "");
+}
+
+// ---- the AMX layout: packing, decoding, choice, and use below the amx level ------------------
+
+TEST(AmxLayoutHandle, PacksBf16AndDecodesToTheCheckpoint) {
+  auto p = make_problem(2, 45, 33, 1, 1, false, 9000);
+  ASSERT_EQ(moekit_experts_layout(p->packed.get()), MOEKIT_LAYOUT_AMX);
+  std::vector<float> row(45);
+  for (int64_t e = 0; e < 2; ++e) {
+    for (int64_t n = 0; n < 33; ++n) {
+      p->packed->decode_row(e, moekit::ExpertMatrix::kW1, n, row.data());
+      for (int64_t h = 0; h < 45; ++h) ASSERT_EQ(row[h], p->w1[(e * 33 + n) * 45 + h]);
+      p->packed->decode_row(e, moekit::ExpertMatrix::kW3, n, row.data());
+      for (int64_t h = 0; h < 45; ++h) ASSERT_EQ(row[h], p->w3[(e * 33 + n) * 45 + h]);
+    }
+    for (int64_t n = 0; n < 45; ++n) {
+      p->packed->decode_row(e, moekit::ExpertMatrix::kW2, n, row.data());
+      for (int64_t i = 0; i < 33; ++i) ASSERT_EQ(row[i], p->w2[(e * 45 + n) * 33 + i]);
+    }
+  }
+  // f32 weights have no AMX layout.
+  std::vector<float> w(45 * 33, 1.0f);
+  const void* ptr = w.data();
+  moekit_experts_desc d{};
+  d.num_experts = 1, d.hidden = 45, d.inter = 33, d.dtype = MOEKIT_F32;
+  d.w1 = &ptr, d.w3 = &ptr, d.w2 = &ptr;
+  moekit_experts* h = nullptr;
+  EXPECT_EQ(moekit_experts_pack(&d, MOEKIT_LAYOUT_AMX, &h), MOEKIT_ERR_UNSUPPORTED);
+  EXPECT_EQ(h, nullptr);
+}
+
+TEST(AmxLayoutHandle, AutoChoosesAmxOnAnAmxMachine) {
+  auto p = make_problem(2, 32, 16, 1, 1, true, 9100, MOEKIT_LAYOUT_AUTO);
+  const bool amx = moekit_effective_isa() >= MOEKIT_ISA_AMX;
+  EXPECT_EQ(moekit_experts_layout(p->packed.get()), amx ? MOEKIT_LAYOUT_AMX : MOEKIT_LAYOUT_VNNI);
+}
+
+// Runs the public entry point on `p` and returns the output (f32) and the chosen kernel.
+std::vector<float> run_public(const MoeProblem& p, std::string* chose) {
+  std::vector<float> out(static_cast<size_t>(p.M * p.H), kNaN);
+  moekit_tensor hidden = moekit_test::make_tensor(const_cast<unsigned char*>(p.hidden.data()),
+                                                  p.hidden_dtype, {p.M, p.H});
+  moekit_tensor weights = moekit_test::make_tensor(const_cast<float*>(p.weights.data()),
+                                                   MOEKIT_F32, {p.M, p.k});
+  moekit_tensor ids = moekit_test::make_tensor(const_cast<int32_t*>(p.ids.data()), MOEKIT_I32,
+                                               {p.M, p.k});
+  moekit_tensor o = moekit_test::make_tensor(out.data(), MOEKIT_F32, {p.M, p.H});
+  EXPECT_EQ(moekit_fused_moe(p.packed.get(), &hidden, &weights, &ids, nullptr, nullptr, &o),
+            MOEKIT_OK)
+      << moekit_last_error();
+  *chose = moekit_last_impl("fused_moe");
+  return out;
+}
+
+TEST(AmxLayoutHandle, ServedCorrectlyAtEveryLevel) {
+  auto p = make_problem(4, 70, 40, 48, 2, true, 9200);
+  set_hidden(p.get(), MOEKIT_BF16);
+  p->out_dtype = MOEKIT_F32;
+  const auto want = p->exact();
+  const moekit_isa before = moekit_effective_isa();
+  for (moekit_isa cap : {MOEKIT_ISA_AMX, MOEKIT_ISA_AVX512_BF16, MOEKIT_ISA_AVX512,
+                         MOEKIT_ISA_AVX2, MOEKIT_ISA_SCALAR}) {
+    if (cap > moekit_detected_isa()) continue;
+    ASSERT_EQ(moekit_set_max_isa(cap), MOEKIT_OK);
+    std::string chose;
+    const auto got = run_public(*p, &chose);
+    if (cap == MOEKIT_ISA_AMX) {
+      EXPECT_EQ(chose, "fused_moe_bf16_amx");
+    }
+    // The kernels with a bf16 intermediate (amx, avx512_bf16) reproduce the exact model; the
+    // others keep it in f32 (no rounding of act), and so does the reference.
+    EXPECT_NE(chose.rfind("ref", 0), 0u) << "level " << moekit_isa_name(cap) << " fell back";
+    const bool exact = cap >= MOEKIT_ISA_AVX512_BF16;
+    double scale = 0;
+    for (float v : want) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+    for (int64_t i = 0; i < p->M * p->H; ++i) {
+      if (exact)
+        ASSERT_EQ(got[i], want[i]) << chose << " at level " << moekit_isa_name(cap) << ", " << i;
+      else
+        ASSERT_LE(std::fabs(got[i] - want[i]), std::ldexp(scale, -7)) << chose << " at " << i;
+    }
+  }
+  ASSERT_EQ(moekit_set_max_isa(before), MOEKIT_OK);
+}
+
+TEST(AmxThreshold, OverrideAndDefault) {
+  const int64_t initial = moekit::amx_min_rows();
+  EXPECT_GE(initial, 1);
+  {
+    MinRows scope(7);
+    EXPECT_EQ(moekit::amx_min_rows(), 7);
+  }
+  EXPECT_EQ(moekit::amx_min_rows(), initial);
+  if (std::getenv("MOEKIT_AMX_MIN_ROWS") == nullptr) {
+    EXPECT_EQ(initial, moekit::kAmxDefaultMinRows);
+  }
 }
 
 }  // namespace

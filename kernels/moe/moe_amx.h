@@ -1,5 +1,6 @@
 // AMX-BF16 building blocks of the blockwise expert matmul: the MOEKIT_LAYOUT_AMX weight layout,
-// the per-thread tile state, and GEMM microkernels with the fused-MoE epilogues.
+// the per-thread tile state, GEMM microkernels with the fused-MoE epilogues, and the fused_moe
+// entry built on them.
 //
 // NOTE (layout): a weight matrix W [N][K] (N outputs, K the reduction) is stored as 1 KiB tiles
 // ready for tileloadd: N is padded to a multiple of 16 (kAmxTileN), K to a multiple of 32
@@ -36,17 +37,12 @@ inline int64_t amx_padded_k(int64_t k) { return (k + kAmxTileK - 1) / kAmxTileK 
 inline int64_t amx_padded_n(int64_t n) { return (n + kAmxTileN - 1) / kAmxTileN * kAmxTileN; }
 inline int64_t amx_padded_m(int64_t m) { return (m + kAmxTileM - 1) / kAmxTileM * kAmxTileM; }
 
-// ---- layout (plain C++, any CPU) ----------------------------------------------------------
-
-// Bytes of one packed [N][K] matrix.
+// ---- layout ---------------------------------------------------------------------------
+// MOEKIT_LAYOUT_AMX is written and read by vnni_pack_matrix / vnni_decode_row
+// (moe_microkernel.h): for bf16 the VNNI panels are exactly the tile order above.
 inline size_t amx_packed_bytes(int64_t n, int64_t k) {
   return static_cast<size_t>(amx_padded_n(n) * amx_padded_k(k)) * 2;
 }
-// Packs row-major `src` ([n][k], row stride k; F32 rounded to bf16, or BF16) into `dst`
-// (amx_packed_bytes(n, k) bytes).
-void amx_pack_matrix(const void* src, moekit_dtype dtype, int64_t n, int64_t k, uint16_t* dst);
-// Row `row` of a packed [n][k] matrix, as f32 (k values).
-void amx_decode_row(const uint16_t* packed, int64_t k, int64_t row, float* out);
 
 // ---- tile state (AMX) ---------------------------------------------------------------------
 
@@ -87,6 +83,37 @@ void amx_gate_up_silu(const uint16_t* x, int64_t x_stride, int64_t rows, const u
 void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
                        const uint16_t* w2_packed, int64_t H, int64_t I, const float* row_weight,
                        float* const* dst, bool accumulate);
+
+// ---- the fused-MoE pipeline on AMX -------------------------------------------------------
+// NOTE (dispatch): the fused_moe entry "fused_moe_bf16_amx" (level amx) runs the generic
+// pipeline with moe_microkernel_bf16_amx() on bf16 handles in the AMX layout (what
+// moekit_experts_pack chooses for bf16 on an AMX machine) or the VNNI layout: for bf16 the two
+// are the same bytes, each VNNI panel being a column of AMX B tiles. Within a call each expert
+// segment is dispatched by its row count: segments of at least amx_min_rows() rows run on AMX
+// tiles, smaller ones (decode) on the AVX-512-BF16 microkernel, since a tile pass costs the same
+// for 1 row as for 16. The result depends on the shapes and the routing only, never on the
+// thread count. Below the amx level (MOEKIT_ISA capped) the VNNI microkernels of every level
+// read AMX handles, and the reference reads them through decode_row.
+
+struct MoeMicrokernel;
+struct FusedMoeArgs;
+
+// Rows from which an expert segment runs on AMX tiles (measured on a 2-core AMX machine, see
+// bench/RESULTS.md "AMX expert matmul"); MOEKIT_AMX_MIN_ROWS=<n> overrides it.
+constexpr int64_t kAmxDefaultMinRows = 16;
+
+// The threshold in force: amx_set_min_rows(n > 0), else MOEKIT_AMX_MIN_ROWS (read once), else
+// kAmxDefaultMinRows.
+int64_t amx_min_rows();
+// Overrides the threshold for this process (benchmarks, tests); n <= 0 removes the override.
+void amx_set_min_rows(int64_t rows);
+
+// The AMX microkernel of the pipeline (moe_gemm_amx.cc); layout MOEKIT_LAYOUT_AMX.
+const MoeMicrokernel& moe_microkernel_bf16_amx();
+
+// The fused_moe table entry (moe_amx.cc).
+const char* fused_moe_amx_supports(const FusedMoeArgs& a);
+void fused_moe_amx(const FusedMoeArgs& a);
 
 }  // namespace moekit
 

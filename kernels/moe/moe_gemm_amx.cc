@@ -14,10 +14,13 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "dispatch/cpu_features.h"
 #include "kernels/moe/moe_amx.h"
+#include "kernels/moe/moe_microkernel.h"
 
 namespace moekit {
 namespace {
@@ -237,6 +240,154 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
       }
     }
   }
+}
+
+// ---- the fused-MoE pipeline's AMX microkernel ------------------------------------------------
+//
+// NOTE: the pipeline (moe_pipeline.cc) hands gate_up the rows of one expert segment as indices
+// into the converted activations (pad_a: bf16, rows zero-padded to vnni_padded_k(H)); tileloadd
+// needs rows at a fixed stride, so they are first copied into the thread's scratch (amx_padded_m
+// rows, the padding rows zeroed). Segments of fewer than amx_min_rows() rows go to the
+// AVX-512-BF16 microkernel instead: a tile pass costs the same for 1 row as for 16, and the
+// VNNI panels it reads are the same bytes. Its tiles are narrower than ours, so such calls are
+// split into column pieces of its width.
+namespace {
+
+constexpr int64_t kAmxGateUpN = 64;  // 4 column tiles of w1 and of w3 per gate_up item
+constexpr int64_t kAmxDownN = 64;
+constexpr int64_t kAmxBlockM = 128;  // gathered rows fit the pipeline's per-thread scratch
+
+// Routes a small segment to the AVX-512-BF16 microkernel, `width` columns at a time.
+void gate_up_small(const MoeGateUpCall& call) {
+  const MoeMicrokernel& small = moe_microkernel_bf16_avx512bf16();
+  const size_t panel_bytes = vnni_panel_bytes(call.K, MOEKIT_BF16);
+  for (int64_t c0 = 0; c0 < call.n; c0 += small.gate_up_n) {
+    MoeGateUpCall piece = call;
+    const size_t offset = static_cast<size_t>(c0 / kMoePanelN) * panel_bytes;
+    piece.w1 = static_cast<const unsigned char*>(call.w1) + offset;
+    piece.w3 = static_cast<const unsigned char*>(call.w3) + offset;
+    piece.n = std::min(small.gate_up_n, call.n - c0);
+    piece.act = static_cast<uint16_t*>(call.act) + c0;
+    small.gate_up(piece);
+  }
+}
+
+void down_small(const MoeDownCall& call) {
+  const MoeMicrokernel& small = moe_microkernel_bf16_avx512bf16();
+  const size_t panel_bytes = vnni_panel_bytes(call.K, MOEKIT_BF16);
+  for (int64_t c0 = 0; c0 < call.n; c0 += small.down_n) {
+    MoeDownCall piece = call;
+    piece.w2 = static_cast<const unsigned char*>(call.w2) +
+               static_cast<size_t>(c0 / kMoePanelN) * panel_bytes;
+    piece.n = std::min(small.down_n, call.n - c0);
+    piece.out = call.out + c0;
+    small.down(piece);
+  }
+}
+
+bool use_amx(int64_t rows) {
+  return rows >= amx_min_rows() || rows > moe_microkernel_bf16_avx512bf16().block_m;
+}
+
+// gate_up for rows [r0, r0 + rows) of the call, gathered into `a` first.
+void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, uint16_t* a) {
+  const int64_t padded_k = amx_padded_k(call.K), padded_rows = amx_padded_m(rows);
+  const int64_t k_blocks = padded_k / kAmxTileK;
+  const size_t panel_elems = static_cast<size_t>(padded_k * kAmxTileN);
+  const auto* x = static_cast<const uint16_t*>(call.a);
+  for (int64_t r = 0; r < rows; ++r)  // rows are zero-padded to padded_k by the pipeline
+    std::memcpy(a + r * padded_k, x + call.a_rows[r0 + r] * call.lda,
+                static_cast<size_t>(padded_k) * 2);
+  std::memset(a + rows * padded_k, 0, static_cast<size_t>((padded_rows - rows) * padded_k) * 2);
+  compiler_barrier();
+  const auto* w1 = static_cast<const uint16_t*>(call.w1);
+  const auto* w3 = static_cast<const uint16_t*>(call.w3);
+  auto* act = static_cast<uint16_t*>(call.act) + r0 * call.ld_act;
+  alignas(64) float scratch[kStepRows * kStepCols];
+  for (int64_t nb = 0; nb * kAmxTileN < call.n; ++nb) {
+    const __mmask16 cols = first_lanes(call.n - nb * kAmxTileN);
+    for (int64_t m0 = 0; m0 < rows; m0 += kStepRows) {
+      const int row_tiles = rows - m0 > kAmxTileM ? 2 : 1;
+      run_step(row_tiles, 2, a + m0 * padded_k, padded_k, w1 + nb * panel_elems,
+               w3 + nb * panel_elems, k_blocks, scratch);
+      const int64_t step_rows = std::min<int64_t>(kStepRows, rows - m0);
+      for (int64_t r = 0; r < step_rows; ++r) {
+        const __m512 v = silu_mul(_mm512_load_ps(scratch + r * kStepCols),
+                                  _mm512_load_ps(scratch + r * kStepCols + kAmxTileN));
+        _mm256_mask_storeu_epi16(act + (m0 + r) * call.ld_act + nb * kAmxTileN, cols,
+                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+  }
+}
+
+void pipeline_gate_up(const MoeGateUpCall& call) {
+  // Rows whose gathered copy fits the scratch, in whole tiles.
+  const size_t row_bytes = static_cast<size_t>(amx_padded_k(call.K)) * 2;
+  const int64_t fit = static_cast<int64_t>(call.scratch_bytes / row_bytes) / kAmxTileM * kAmxTileM;
+  if (!use_amx(call.m) || fit == 0) return gate_up_small(call);
+  amx_tile_configure();
+  auto* a = static_cast<uint16_t*>(call.scratch);
+  for (int64_t r0 = 0; r0 < call.m; r0 += fit) gate_up_rows(call, r0, std::min(fit, call.m - r0), a);
+}
+
+void pipeline_down(const MoeDownCall& call) {
+  if (!use_amx(call.m)) return down_small(call);
+  // act rows are consecutive, zero-padded to vnni_padded_k(I), and amx_padded_m(m) rows are
+  // readable (the pipeline's intermediate buffer has a panel of spare rows).
+  amx_tile_configure();
+  compiler_barrier();
+  const int64_t k_blocks = amx_padded_k(call.K) / kAmxTileK;
+  const size_t panel_elems = static_cast<size_t>(k_blocks * kAmxTileElems);
+  const int64_t n_blocks = (call.n + kAmxTileN - 1) / kAmxTileN;
+  const auto* act = static_cast<const uint16_t*>(call.act);
+  const auto* w2 = static_cast<const uint16_t*>(call.w2);
+  alignas(64) float scratch[kStepRows * kStepCols];
+  for (int64_t nb = 0; nb < n_blocks; nb += 2) {
+    const int col_tiles = nb + 1 < n_blocks ? 2 : 1;
+    for (int64_t m0 = 0; m0 < call.m; m0 += kStepRows) {
+      const int row_tiles = call.m - m0 > kAmxTileM ? 2 : 1;
+      run_step(row_tiles, col_tiles, act + m0 * call.ld_act, call.ld_act, w2 + nb * panel_elems,
+               w2 + (nb + 1) * panel_elems, k_blocks, scratch);
+      const int64_t step_rows = std::min<int64_t>(kStepRows, call.m - m0);
+      for (int64_t r = 0; r < step_rows; ++r) {  // in row order: rows may share a token
+        float* out = call.out + call.out_rows[m0 + r] * call.ld_out;
+        const __m512 weight = _mm512_set1_ps(call.row_weight[m0 + r]);
+        for (int t = 0; t < col_tiles; ++t) {
+          const int64_t n = (nb + t) * kAmxTileN;
+          const __mmask16 mask = first_lanes(call.n - n);
+          const __m512 prev = _mm512_maskz_loadu_ps(mask, out + n);
+          _mm512_mask_storeu_ps(
+              out + n, mask,
+              _mm512_fmadd_ps(weight, _mm512_load_ps(scratch + r * kStepCols + t * kAmxTileN),
+                              prev));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const MoeMicrokernel& moe_microkernel_bf16_amx() {
+  static const MoeMicrokernel uk = [] {
+    MoeMicrokernel k{};
+    k.name = "fused_moe_bf16_amx";
+    k.weight_dtype = MOEKIT_BF16;
+    k.layout = MOEKIT_LAYOUT_AMX;
+    k.a_dtype = MOEKIT_BF16;
+    k.pad_a = true;
+    k.block_m = kAmxBlockM;
+    k.gate_up_n = kAmxGateUpN;
+    k.down_n = kAmxDownN;
+    k.weight_tile = vnni_weight_tile;
+    k.gate_up = pipeline_gate_up;
+    k.down = pipeline_down;
+    k.thread_begin = amx_tile_configure;
+    k.thread_end = amx_tile_release;
+    return k;
+  }();
+  return uk;
 }
 
 }  // namespace moekit

@@ -42,7 +42,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layout,
                            moekit_experts** out) {
-  const bool vnni = layout == MOEKIT_LAYOUT_VNNI;
+  // The AMX layout (bf16 only) has the VNNI layout's bytes: each panel is a column of AMX B tiles.
+  if (layout == MOEKIT_LAYOUT_AMX && d.dtype != MOEKIT_BF16)
+    return set_error(MOEKIT_ERR_UNSUPPORTED,
+                     std::string("moekit_experts_pack: layout amx holds bf16 weights only, not ") +
+                         moekit_dtype_name(d.dtype));
+  const bool vnni = layout == MOEKIT_LAYOUT_VNNI || layout == MOEKIT_LAYOUT_AMX;
   if (vnni && d.dtype == MOEKIT_FP8_E4M3) return fp8_pack_experts_vnni(d, out);  // fp8_vnni.cc
   if (layout != MOEKIT_LAYOUT_PLAIN && !vnni)
     return set_error(MOEKIT_ERR_UNSUPPORTED,
@@ -105,6 +110,8 @@ moekit_status pack_experts(const moekit_experts_desc& d, moekit_pack_layout layo
 
 // Every ISA level has VNNI microkernels for F32 and BF16 weights (scalar included).
 moekit_pack_layout preferred_layout(moekit_dtype dtype) {
+  // bf16 on an AMX machine: the AMX layout (moe_amx.h), which the VNNI kernels read too.
+  if (dtype == MOEKIT_BF16 && effective_isa() >= MOEKIT_ISA_AMX) return MOEKIT_LAYOUT_AMX;
   (void)dtype;  // FP8 too: its VNNI form keeps one byte per weight (fp8_vnni.h)
   return MOEKIT_LAYOUT_VNNI;
 }
@@ -178,6 +185,7 @@ void moekit_experts::decode_row(int64_t e, moekit::ExpertMatrix m, int64_t n, fl
   const int64_t K = cols(m);
   const unsigned char* base = matrix(e, m);
   switch (layout) {
+    case MOEKIT_LAYOUT_AMX:  // bf16 only, the VNNI layout's bytes
     case MOEKIT_LAYOUT_VNNI:
       if (dtype == MOEKIT_FP8_E4M3) {
         fp8_vnni_decode_row(base, K, block_k, n, out);

@@ -61,7 +61,10 @@ int64_t read_id(const void* ids, moekit_dtype dtype, int64_t index) {
 
 const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   if (a.experts == nullptr) return "no experts";
-  if (a.experts->layout != uk.layout) return "needs another packing layout";
+  // A bf16 handle in the AMX layout holds the VNNI layout's bytes (moe_amx.h).
+  const bool amx_as_vnni = a.experts->layout == MOEKIT_LAYOUT_AMX &&
+                           uk.layout == MOEKIT_LAYOUT_VNNI && a.experts->dtype == MOEKIT_BF16;
+  if (a.experts->layout != uk.layout && !amx_as_vnni) return "needs another packing layout";
   if (a.experts->dtype != uk.weight_dtype) return "needs another weight dtype";
   if ((a.hidden_dtype != MOEKIT_F32 && a.hidden_dtype != MOEKIT_BF16) ||
       (a.out_dtype != MOEKIT_F32 && a.out_dtype != MOEKIT_BF16))

@@ -1,6 +1,7 @@
 // Dispatch tables of the blockwise expert matmul, best first; the reference is always last.
 // Each fused_moe entry is the generic pipeline (moe_pipeline.cc) run with one microkernel.
 #include "kernels/moe/fp8_vnni.h"
+#include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe_microkernel.h"
 #include "reference/reference.h"
 
@@ -37,6 +38,7 @@ const ImplList<FusedMoeArgs>& fused_moe_impls() {
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512bf16, MOEKIT_ISA_AVX512_BF16),
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx2, MOEKIT_ISA_AVX2),
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_scalar, MOEKIT_ISA_SCALAR),
+      {"fused_moe_bf16_amx", MOEKIT_ISA_AMX, fused_moe_amx_supports, fused_moe_amx},  // moe_amx.h
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16),
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512, MOEKIT_ISA_AVX512),
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx512, MOEKIT_ISA_AVX512),

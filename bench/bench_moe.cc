@@ -170,8 +170,9 @@ ExpertsPtr pack(int64_t E, moekit_dtype dtype) {
     if (dtype == MOEKIT_BF16)
       for (int i = 0; i < kSourceExperts; ++i) b16[m].push_back(to_bf16((*mats[m])[i]));
     for (int64_t e = 0; e < E; ++e)
-      ptrs[m].push_back(dtype == MOEKIT_BF16 ? static_cast<const void*>(b16[m][e % kSourceExperts].data())
-                                             : static_cast<const void*>((*mats[m])[e % kSourceExperts].data()));
+      ptrs[m].push_back(dtype == MOEKIT_BF16
+                            ? static_cast<const void*>(b16[m][e % kSourceExperts].data())
+                            : static_cast<const void*>((*mats[m])[e % kSourceExperts].data()));
   }
   moekit_experts_desc d{};
   d.num_experts = E;
@@ -237,9 +238,11 @@ OnednnExperts::OnednnExperts(int64_t E) {
   }
   for (int64_t e = 0; e < E; ++e) {
     w13.emplace_back(w13_md, engine);
-    dnnl::reorder(plain13[e % kSourceExperts], w13.back()).execute(stream, plain13[e % kSourceExperts], w13.back());
+    dnnl::reorder(plain13[e % kSourceExperts], w13.back())
+        .execute(stream, plain13[e % kSourceExperts], w13.back());
     w2.emplace_back(w2_md, engine);
-    dnnl::reorder(plain2[e % kSourceExperts], w2.back()).execute(stream, plain2[e % kSourceExperts], w2.back());
+    dnnl::reorder(plain2[e % kSourceExperts], w2.back())
+        .execute(stream, plain2[e % kSourceExperts], w2.back());
   }
   stream.wait();
 }
@@ -337,14 +340,16 @@ void set_counters(benchmark::State& state, int64_t M, double seconds, double dis
   const double weight_bytes = distinct * 3.0 * kHidden * kInter * static_cast<double>(weight_elem);
   const double flops = 2.0 * 3.0 * kHidden * kInter * static_cast<double>(M * kTopK);
   state.counters["weight_Bps"] = weight_bytes / seconds;
-  state.counters["bw_frac"] = weight_bytes / seconds / moekit_bench::streaming_read_bandwidth(threads());
+  state.counters["bw_frac"] =
+      weight_bytes / seconds / moekit_bench::streaming_read_bandwidth(threads());
   state.counters["GFLOPs"] = flops / seconds * 1e-9;
   state.counters["threads"] = threads();
   state.SetIterationTime(seconds);
 }
 
 // Runs `call(routing)` cycling over the routings; reports the best seconds per call.
-double time_cycling(const std::vector<Routing>& rs, const std::function<void(const Routing&)>& call) {
+double time_cycling(const std::vector<Routing>& rs,
+                    const std::function<void(const Routing&)>& call) {
   size_t next = 0;
   return seconds_per_call([&] { call(rs[next++ % rs.size()]); });
 }
@@ -419,16 +424,18 @@ void BM_OnednnPerExpert(benchmark::State& state, int64_t M) {
       dnnl::memory c_v({{rows, 2 * kInter}, dt::f32, tag::ab}, d.engine, c.get_data_handle());
       dnnl::memory act_v({{rows, kInter}, dt::bf16, tag::ab}, d.engine, act.get_data_handle());
       dnnl::memory y_v({{rows, kHidden}, dt::f32, tag::ab}, d.engine, y.get_data_handle());
-      mm.first.execute(d.stream, {{DNNL_ARG_SRC, a_v}, {DNNL_ARG_WEIGHTS, d.w13[e]}, {DNNL_ARG_DST, c_v}});
+      mm.first.execute(d.stream,
+                       {{DNNL_ARG_SRC, a_v}, {DNNL_ARG_WEIGHTS, d.w13[e]}, {DNNL_ARG_DST, c_v}});
       d.stream.wait();
       const float* cv = static_cast<const float*>(c.get_data_handle());
       auto* actv = static_cast<uint16_t*>(act.get_data_handle());
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t n = 0; n < kInter; ++n)
-          actv[i * kInter + n] =
-              moekit::f32_to_bf16(silu_mul(cv[i * 2 * kInter + n], cv[i * 2 * kInter + kInter + n]));
-      mm.second.execute(d.stream, {{DNNL_ARG_SRC, act_v}, {DNNL_ARG_WEIGHTS, d.w2[e]}, {DNNL_ARG_DST, y_v}});
+          actv[i * kInter + n] = moekit::f32_to_bf16(
+              silu_mul(cv[i * 2 * kInter + n], cv[i * 2 * kInter + kInter + n]));
+      mm.second.execute(d.stream,
+                        {{DNNL_ARG_SRC, act_v}, {DNNL_ARG_WEIGHTS, d.w2[e]}, {DNNL_ARG_DST, y_v}});
       d.stream.wait();
       const float* yv = static_cast<const float*>(y.get_data_handle());
 #pragma omp parallel for schedule(static)
@@ -436,7 +443,8 @@ void BM_OnednnPerExpert(benchmark::State& state, int64_t M) {
         for (int64_t i = 0; i < rows; ++i) {
           const float wt = r.weights[pairs[i]];
           float* dst = &acc[(pairs[i] / kTopK) * kHidden];
-          for (int64_t h = h0; h < std::min(h0 + 256, kHidden); ++h) dst[h] += wt * yv[i * kHidden + h];
+          for (int64_t h = h0; h < std::min(h0 + 256, kHidden); ++h)
+            dst[h] += wt * yv[i * kHidden + h];
         }
     }
     for (int64_t i = 0; i < M * kHidden; ++i) io.out_bf16[i] = moekit::f32_to_bf16(acc[i]);
@@ -504,9 +512,12 @@ int register_all() {
         ->Unit(benchmark::kMillisecond);
   };
   const auto is_ref = [](const char* name) { return std::string(name).rfind("ref", 0) == 0; };
-  const auto is_scalar = [](const char* name) { return std::string(name).find("scalar") != std::string::npos; };
+  const auto is_scalar = [](const char* name) {
+    return std::string(name).find("scalar") != std::string::npos;
+  };
   const auto serves = [&](int i, moekit_dtype dt) {
-    return std::string(impls[i].name).find(dt == MOEKIT_F32 ? "_f32_" : "_bf16_") != std::string::npos;
+    return std::string(impls[i].name).find(dt == MOEKIT_F32 ? "_f32_" : "_bf16_") !=
+           std::string::npos;
   };
   for_m([&](int64_t M) {
     for (int i = 0; i < static_cast<int>(impls.size()); ++i)
@@ -515,9 +526,11 @@ int register_all() {
             [i, M](benchmark::State& s) { BM_FusedMoe(s, i, M, false); });
   });
   for (int64_t M : {1, 4})
-    reg("BM_FusedMoeRef/M:" + std::to_string(M), [M](benchmark::State& s) { BM_FusedMoeRef(s, M); });
+    reg("BM_FusedMoeRef/M:" + std::to_string(M),
+        [M](benchmark::State& s) { BM_FusedMoeRef(s, M); });
   for_m([&](int64_t M) {
-    reg("BM_OnednnPerExpert/M:" + std::to_string(M), [M](benchmark::State& s) { BM_OnednnPerExpert(s, M); });
+    reg("BM_OnednnPerExpert/M:" + std::to_string(M),
+        [M](benchmark::State& s) { BM_OnednnPerExpert(s, M); });
   });
   for_m([&](int64_t M) {
     for (int i = 0; i < static_cast<int>(impls.size()); ++i)
@@ -526,7 +539,8 @@ int register_all() {
             [i, M](benchmark::State& s) { BM_FusedMoe(s, i, M, true); });
   });
   for_m([&](int64_t M) {
-    reg("BM_OpenblasPerExpert/M:" + std::to_string(M), [M](benchmark::State& s) { BM_OpenblasPerExpert(s, M); });
+    reg("BM_OpenblasPerExpert/M:" + std::to_string(M),
+        [M](benchmark::State& s) { BM_OpenblasPerExpert(s, M); });
   });
   return 0;
 }

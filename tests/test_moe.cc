@@ -14,9 +14,9 @@
 // row, column, slot or expert gives errors of the order of S, far above these.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -62,10 +62,12 @@ std::vector<float> round_to(moekit_dtype dtype, std::vector<float> v) {
 
 // Random weights scaled so that activations stay O(1) (w1/w3 ~ 1/sqrt(H), w2 ~ 1/sqrt(I)).
 std::unique_ptr<Weights> make_weights(int64_t E, int64_t H, int64_t I, moekit_dtype dtype,
-                                      uint32_t seed, moekit_pack_layout layout = MOEKIT_LAYOUT_AUTO) {
+                                      uint32_t seed,
+                                      moekit_pack_layout layout = MOEKIT_LAYOUT_AUTO) {
   auto w = std::make_unique<Weights>();
   w->E = E, w->H = H, w->I = I, w->dtype = dtype;
-  const float s1 = 2.0f / std::sqrt(static_cast<float>(H)), s2 = 2.0f / std::sqrt(static_cast<float>(I));
+  const float s1 = 2.0f / std::sqrt(static_cast<float>(H)),
+              s2 = 2.0f / std::sqrt(static_cast<float>(I));
   for (int64_t e = 0; e < E; ++e) {
     w->w1.push_back(round_to(dtype, moekit_test::random_floats(I * H, seed + 3 * e, -s1, s1)));
     w->w3.push_back(round_to(dtype, moekit_test::random_floats(I * H, seed + 3 * e + 1, -s1, s1)));
@@ -166,11 +168,13 @@ class MoeMicrokernelTest : public ::testing::TestWithParam<int> {
 // Operand rows in the kernel's activation dtype.
 std::vector<unsigned char> as_operand(const MoeMicrokernel& uk, const std::vector<float>& v) {
   std::vector<unsigned char> out(v.size() * (uk.a_dtype == MOEKIT_BF16 ? 2 : 4));
-  for (size_t i = 0; i < v.size(); ++i) moekit::store_float(out.data(), uk.a_dtype == MOEKIT_BF16, i, v[i]);
+  for (size_t i = 0; i < v.size(); ++i)
+    moekit::store_float(out.data(), uk.a_dtype == MOEKIT_BF16, i, v[i]);
   return out;
 }
 
-std::vector<unsigned char> packed_matrix(moekit_dtype dt, const std::vector<float>& w, int64_t N, int64_t K) {
+std::vector<unsigned char> packed_matrix(moekit_dtype dt, const std::vector<float>& w, int64_t N,
+                                         int64_t K) {
   std::vector<unsigned char> out(moekit::vnni_matrix_bytes(N, K, dt));
   if (dt == MOEKIT_BF16) {
     const std::vector<uint16_t> b = moekit_test::to_bf16(w);
@@ -191,7 +195,7 @@ TEST_P(MoeMicrokernelTest, DownIsExactOnSmallIntegers) {
     for (int64_t n : {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, k.down_n - 1, k.down_n})
       for (int64_t m : {1, 2, 5, 7, 13}) {
         if (n > k.down_n) continue;  // the contract: n <= down_n
-        const int64_t N = n + 16;  // the tile starts at panel 1 of a wider matrix
+        const int64_t N = n + 16;    // the tile starts at panel 1 of a wider matrix
         const std::vector<float> act = moekit_test::random_ints(m * K, 11 + K + m);
         const std::vector<float> w2 = moekit_test::random_ints(N * K, 12 + K + n);
         const std::vector<unsigned char> a = as_operand(k, act);
@@ -238,7 +242,8 @@ TEST_P(MoeMicrokernelTest, DownIsExactOnSmallIntegers) {
 TEST_P(MoeMicrokernelTest, GateUpIsExactOnSmallIntegers) {
   const MoeMicrokernel& k = uk();
   for (int64_t K : {1, 2, 3, 31, 32, 33, 64, 129})
-    for (int64_t n : {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, k.gate_up_n - 1, k.gate_up_n})
+    for (int64_t n :
+         {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, k.gate_up_n - 1, k.gate_up_n})
       for (int64_t m : {1, 3, 6, 7, 13}) {
         if (n > k.gate_up_n) continue;  // the contract: n <= gate_up_n
         const int64_t N = n + 16, tokens = m + 2, lda = K + 5;
@@ -284,7 +289,8 @@ TEST_P(MoeMicrokernelTest, GateUpIsExactOnSmallIntegers) {
             }
             float want = static_cast<float>(gate * up);
             if (bf16) want = moekit::bf16_to_f32(moekit::f32_to_bf16(want));
-            ASSERT_EQ(got, want) << "K=" << K << " n=" << n << " m=" << m << " r=" << r << " c=" << c;
+            ASSERT_EQ(got, want) << "K=" << K << " n=" << n << " m=" << m << " r=" << r
+                                 << " c=" << c;
           }
       }
 }
@@ -366,10 +372,10 @@ struct Problem {
   Combo combo;
   std::unique_ptr<Weights> w;
   Routing routing;
-  int64_t ld = 0;                    // hidden and out row stride
-  std::vector<unsigned char> hidden; // [M, ld]
-  std::vector<float> ref;            // [M, H] as f32 (after the output dtype's rounding)
-  double scale = 0;                  // max |ref|
+  int64_t ld = 0;                     // hidden and out row stride
+  std::vector<unsigned char> hidden;  // [M, ld]
+  std::vector<float> ref;             // [M, H] as f32 (after the output dtype's rounding)
+  double scale = 0;                   // max |ref|
 
   FusedMoeArgs args(void* out, int threads) const {
     FusedMoeArgs a;
@@ -462,7 +468,8 @@ TEST_P(FusedMoeTest, MatchesReference) {
       ++ran;
       const bool out_bf16 = p.combo.out == MOEKIT_BF16;
       const double K = static_cast<double>(std::max(p.c.H, p.c.I));
-      const double tol = bf16_operands() ? std::ldexp(1.0, -6) : 64 * std::ldexp(1.0, -24) * std::sqrt(K);
+      const double tol =
+          bf16_operands() ? std::ldexp(1.0, -6) : 64 * std::ldexp(1.0, -24) * std::sqrt(K);
       for (int64_t m = 0; m < p.c.M; ++m)
         for (int64_t h = 0; h < p.ld; ++h) {
           const float got = moekit::load_float(out.data(), out_bf16, m * p.ld + h);
@@ -561,9 +568,9 @@ TEST_P(MoeAlignTest, MatchesReference) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(All, MoeAlignTest,
-                         ::testing::ValuesIn(moekit_test::impl_indices(moekit::moe_align_impls())),
-                         (moekit_test::impl_test_name<moekit::MoeAlignArgs, moekit::moe_align_impls>));
+INSTANTIATE_TEST_SUITE_P(
+    All, MoeAlignTest, ::testing::ValuesIn(moekit_test::impl_indices(moekit::moe_align_impls())),
+    (moekit_test::impl_test_name<moekit::MoeAlignArgs, moekit::moe_align_impls>));
 
 // ---- the C API -------------------------------------------------------------------------------
 
@@ -604,8 +611,9 @@ TEST_F(MoeApiTest, GoodCallWritesEveryElement) {
   // The same result through a caller-owned workspace of the documented size.
   std::vector<float> first = out_;
   moekit_workspace* ws = nullptr;
-  ASSERT_EQ(moekit_workspace_create(moekit_moe_workspace_size(M, k, H, I, moekit_num_threads()), &ws),
-            MOEKIT_OK);
+  ASSERT_EQ(
+      moekit_workspace_create(moekit_moe_workspace_size(M, k, H, I, moekit_num_threads()), &ws),
+      MOEKIT_OK);
   std::fill(out_.begin(), out_.end(), kNaN);
   ASSERT_EQ(call(ws), MOEKIT_OK) << moekit_last_error();
   EXPECT_EQ(out_, first);
@@ -614,15 +622,21 @@ TEST_F(MoeApiTest, GoodCallWritesEveryElement) {
 
 TEST_F(MoeApiTest, RejectsBadFusedMoeArguments) {
   expect_rejected(moekit_fused_moe(nullptr, &hidden_, &tw_, &ti_, nullptr, nullptr, &out_t_));
-  expect_rejected(moekit_fused_moe(w_->packed.get(), nullptr, &tw_, &ti_, nullptr, nullptr, &out_t_));
-  expect_rejected(moekit_fused_moe(w_->packed.get(), &hidden_, nullptr, &ti_, nullptr, nullptr, &out_t_));
-  expect_rejected(moekit_fused_moe(w_->packed.get(), &hidden_, &tw_, nullptr, nullptr, nullptr, &out_t_));
+  expect_rejected(
+      moekit_fused_moe(w_->packed.get(), nullptr, &tw_, &ti_, nullptr, nullptr, &out_t_));
+  expect_rejected(
+      moekit_fused_moe(w_->packed.get(), &hidden_, nullptr, &ti_, nullptr, nullptr, &out_t_));
+  expect_rejected(
+      moekit_fused_moe(w_->packed.get(), &hidden_, &tw_, nullptr, nullptr, nullptr, &out_t_));
   moekit_tensor wrong_h = make_tensor(x_.data(), MOEKIT_BF16, {M, H - 1});
-  expect_rejected(moekit_fused_moe(w_->packed.get(), &wrong_h, &tw_, &ti_, nullptr, nullptr, &out_t_));
+  expect_rejected(
+      moekit_fused_moe(w_->packed.get(), &wrong_h, &tw_, &ti_, nullptr, nullptr, &out_t_));
   moekit_tensor wrong_k = make_tensor(ids_.data(), MOEKIT_I32, {M, k + 1});
-  expect_rejected(moekit_fused_moe(w_->packed.get(), &hidden_, &tw_, &wrong_k, nullptr, nullptr, &out_t_));
+  expect_rejected(
+      moekit_fused_moe(w_->packed.get(), &hidden_, &tw_, &wrong_k, nullptr, nullptr, &out_t_));
   moekit_tensor wrong_out = make_tensor(out_.data(), MOEKIT_F32, {M - 1, H});
-  expect_rejected(moekit_fused_moe(w_->packed.get(), &hidden_, &tw_, &ti_, nullptr, nullptr, &wrong_out));
+  expect_rejected(
+      moekit_fused_moe(w_->packed.get(), &hidden_, &tw_, &ti_, nullptr, nullptr, &wrong_out));
   // An id out of range.
   ids_[7] = E;
   expect_rejected(call());
@@ -664,19 +678,24 @@ TEST_F(MoeApiTest, RejectsBadPackAndAlignArguments) {
   moekit_tensor p_t = make_tensor(pairs.data(), MOEKIT_I32, {cap});
   moekit_tensor b_t = make_tensor(blocks.data(), MOEKIT_I32, {cap / 4});
   moekit_tensor r_t = make_tensor(rows.data(), MOEKIT_I32, {1});
-  ASSERT_EQ(moekit_moe_align(&ti_, E, nullptr, 4, &p_t, &b_t, &r_t), MOEKIT_OK) << moekit_last_error();
+  ASSERT_EQ(moekit_moe_align(&ti_, E, nullptr, 4, &p_t, &b_t, &r_t), MOEKIT_OK)
+      << moekit_last_error();
   std::fill(pairs.begin(), pairs.end(), -7);
   std::fill(blocks.begin(), blocks.end(), -7);
   rows[0] = -7;
   const auto untouched = [&] {
     return std::all_of(pairs.begin(), pairs.end(), [](int32_t v) { return v == -7; }) &&
-           std::all_of(blocks.begin(), blocks.end(), [](int32_t v) { return v == -7; }) && rows[0] == -7;
+           std::all_of(blocks.begin(), blocks.end(), [](int32_t v) { return v == -7; }) &&
+           rows[0] == -7;
   };
-  EXPECT_EQ(moekit_moe_align(nullptr, E, nullptr, 4, &p_t, &b_t, &r_t), MOEKIT_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(moekit_moe_align(&ti_, E - 1, nullptr, 4, &p_t, &b_t, &r_t), MOEKIT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(moekit_moe_align(nullptr, E, nullptr, 4, &p_t, &b_t, &r_t),
+            MOEKIT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(moekit_moe_align(&ti_, E - 1, nullptr, 4, &p_t, &b_t, &r_t),
+            MOEKIT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(moekit_moe_align(&ti_, E, nullptr, 0, &p_t, &b_t, &r_t), MOEKIT_ERR_INVALID_ARGUMENT);
   moekit_tensor short_p = make_tensor(pairs.data(), MOEKIT_I32, {cap - 1});
-  EXPECT_EQ(moekit_moe_align(&ti_, E, nullptr, 4, &short_p, &b_t, &r_t), MOEKIT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(moekit_moe_align(&ti_, E, nullptr, 4, &short_p, &b_t, &r_t),
+            MOEKIT_ERR_INVALID_ARGUMENT);
   std::vector<int32_t> map = {0, 1, 9, -1};
   moekit_tensor map_t = make_tensor(map.data(), MOEKIT_I32, {E});
   EXPECT_EQ(moekit_moe_align(&ti_, E, &map_t, 4, &p_t, &b_t, &r_t), MOEKIT_ERR_INVALID_ARGUMENT);

@@ -44,7 +44,8 @@ struct Avx2 {
   static void widen(const uint16_t* pairs, F* even, F* odd) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
     *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    *odd =
+        _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F silu_mul(F gate, F up) {

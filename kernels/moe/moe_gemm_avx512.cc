@@ -24,7 +24,8 @@ struct Avx512 {
   static void widen(const uint16_t* pairs, F* even, F* odd) {
     const __m512i v = _mm512_loadu_si512(pairs);
     *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    *odd =
+        _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F silu_mul(F gate, F up) { return avx512::silu_mul(gate, up); }
@@ -45,7 +46,8 @@ const MoeMicrokernel& moe_microkernel_bf16_avx512() {
 }
 
 const MoeMicrokernel& moe_microkernel_f32_avx512() {
-  static const MoeMicrokernel uk = fma_kernels::make<Avx512, MOEKIT_F32>("fused_moe_f32_avx512_vnni");
+  static const MoeMicrokernel uk =
+      fma_kernels::make<Avx512, MOEKIT_F32>("fused_moe_f32_avx512_vnni");
   return uk;
 }
 

@@ -22,8 +22,8 @@ namespace moekit {
 namespace {
 
 constexpr int kMaxRows = 6;
-constexpr int kUpPanels = 2;    // gate_up tile: 32 columns of gate and of up
-constexpr int kDownPanels = 4;  // down tile: 64 columns
+constexpr int kUpPanels = 2;                 // gate_up tile: 32 columns of gate and of up
+constexpr int kDownPanels = 4;               // down tile: 64 columns
 constexpr int64_t kPanelWords = kMoePanelN;  // 32-bit words per K pair row of a panel
 
 // The activation pair {x[2kk], x[2kk+1]} broadcast to every lane.
@@ -118,8 +118,8 @@ using DownFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, int6
 template <int MR>
 struct Row {
   static constexpr GateUpFn up[kUpPanels] = {gate_up_tile<MR, 1>, gate_up_tile<MR, 2>};
-  static constexpr DownFn down[kDownPanels] = {down_tile<MR, 1>, down_tile<MR, 2>,
-                                               down_tile<MR, 3>, down_tile<MR, 4>};
+  static constexpr DownFn down[kDownPanels] = {down_tile<MR, 1>, down_tile<MR, 2>, down_tile<MR, 3>,
+                                               down_tile<MR, 4>};
 };
 const GateUpFn* const kGateUp[kMaxRows] = {Row<1>::up, Row<2>::up, Row<3>::up,
                                            Row<4>::up, Row<5>::up, Row<6>::up};

@@ -54,30 +54,30 @@ inline void accumulate(const float* const* x, int64_t K, const void* wa, const v
       }
     }
   } else {
-  const uint16_t* pa = static_cast<const uint16_t*>(wa);
-  const uint16_t* pb = static_cast<const uint16_t*>(wb);
-  // One K pair of every panel; `odd` is false only for the single last value of an odd K.
-  const auto pair_step = [&](int64_t kk, bool odd) {
-    for (int v = 0; v < NV; ++v) {
-      const int64_t at = (v / VP) * panel_elems + kk * 2 * kMoePanelN + (v % VP) * 2 * V::kLanes;
-      F ea, oa, eb, ob;
-      V::widen(pa + at, &ea, &oa);
-      if constexpr (TWO) V::widen(pb + at, &eb, &ob);
-      for (int r = 0; r < MR; ++r) {
-        const F x0 = V::set1(x[r][2 * kk]);
-        acc_a[r][v] = V::fmadd(x0, ea, acc_a[r][v]);
-        if constexpr (TWO) acc_b[r][v] = V::fmadd(x0, eb, acc_b[r][v]);
-        if (odd) {
-          const F x1 = V::set1(x[r][2 * kk + 1]);
-          acc_a[r][v] = V::fmadd(x1, oa, acc_a[r][v]);
-          if constexpr (TWO) acc_b[r][v] = V::fmadd(x1, ob, acc_b[r][v]);
+    const uint16_t* pa = static_cast<const uint16_t*>(wa);
+    const uint16_t* pb = static_cast<const uint16_t*>(wb);
+    // One K pair of every panel; `odd` is false only for the single last value of an odd K.
+    const auto pair_step = [&](int64_t kk, bool odd) {
+      for (int v = 0; v < NV; ++v) {
+        const int64_t at = (v / VP) * panel_elems + kk * 2 * kMoePanelN + (v % VP) * 2 * V::kLanes;
+        F ea, oa, eb, ob;
+        V::widen(pa + at, &ea, &oa);
+        if constexpr (TWO) V::widen(pb + at, &eb, &ob);
+        for (int r = 0; r < MR; ++r) {
+          const F x0 = V::set1(x[r][2 * kk]);
+          acc_a[r][v] = V::fmadd(x0, ea, acc_a[r][v]);
+          if constexpr (TWO) acc_b[r][v] = V::fmadd(x0, eb, acc_b[r][v]);
+          if (odd) {
+            const F x1 = V::set1(x[r][2 * kk + 1]);
+            acc_a[r][v] = V::fmadd(x1, oa, acc_a[r][v]);
+            if constexpr (TWO) acc_b[r][v] = V::fmadd(x1, ob, acc_b[r][v]);
+          }
         }
       }
-    }
-  };
-  const int64_t pairs = K / 2;
-  for (int64_t kk = 0; kk < pairs; ++kk) pair_step(kk, true);
-  if (K & 1) pair_step(pairs, false);
+    };
+    const int64_t pairs = K / 2;
+    for (int64_t kk = 0; kk < pairs; ++kk) pair_step(kk, true);
+    if (K & 1) pair_step(pairs, false);
   }
 }
 
@@ -115,8 +115,8 @@ void down_tile(const float* act, int64_t ld_act, int64_t K, const void* w2, int6
 
 using GateUpFn = void (*)(const float* const*, int64_t, const void*, const void*, int64_t, int64_t,
                           float*, int64_t);
-using DownFn = void (*)(const float*, int64_t, int64_t, const void*, int64_t, int64_t,
-                        const float*, float*, int64_t, const int32_t*);
+using DownFn = void (*)(const float*, int64_t, int64_t, const void*, int64_t, int64_t, const float*,
+                        float*, int64_t, const int32_t*);
 
 // The instantiation for (rows, panels) chosen at run time; MR rows fixed at compile time by
 // recursion over the remainders.

@@ -44,7 +44,8 @@ void down_scalar(const MoeDownCall& call) {
     const float* x = static_cast<const float*>(call.act) + r * call.ld_act;
     for (int64_t c = 0; c < call.n; ++c) dot[c] = 0.0f;
     for (int64_t kx = 0; kx < call.K; ++kx)
-      for (int64_t c = 0; c < call.n; ++c) dot[c] += x[kx] * tile_at<kDtype>(call.w2, call.K, c, kx);
+      for (int64_t c = 0; c < call.n; ++c)
+        dot[c] += x[kx] * tile_at<kDtype>(call.w2, call.K, c, kx);
     float* out = call.out + call.out_rows[r] * call.ld_out;
     for (int64_t c = 0; c < call.n; ++c) out[c] += call.row_weight[r] * dot[c];
   }

@@ -108,13 +108,13 @@ struct MoeDownCall {
 // [](a) { fused_moe_pipeline(uk, a); }}.
 struct MoeMicrokernel {
   const char* name;
-  moekit_dtype weight_dtype;   // the handle's dtype this kernel reads
-  moekit_pack_layout layout;   // the handle's layout this kernel reads
-  moekit_dtype a_dtype;        // activations and intermediate: MOEKIT_BF16 or MOEKIT_F32
-  bool pad_a;                  // A rows need stride >= vnni_padded_k(K) with zero padding
-  int64_t block_m;             // most rows of one gate_up work item
-  int64_t gate_up_n;           // columns of I per gate_up item (multiple of 16, <= kMoeMaxTileN)
-  int64_t down_n;              // columns of H per down item (multiple of 16, <= kMoeMaxTileN)
+  moekit_dtype weight_dtype;  // the handle's dtype this kernel reads
+  moekit_pack_layout layout;  // the handle's layout this kernel reads
+  moekit_dtype a_dtype;       // activations and intermediate: MOEKIT_BF16 or MOEKIT_F32
+  bool pad_a;                 // A rows need stride >= vnni_padded_k(K) with zero padding
+  int64_t block_m;            // most rows of one gate_up work item
+  int64_t gate_up_n;          // columns of I per gate_up item (multiple of 16, <= kMoeMaxTileN)
+  int64_t down_n;             // columns of H per down item (multiple of 16, <= kMoeMaxTileN)
   // The packed tile of columns [n0, n0+n) of matrix `which` of expert e, as the microkernels
   // read it: a pointer into the handle (vnni_weight_tile), or a tile decoded into `scratch`
   // (moe_tile_scratch_bytes(K) bytes, per thread; e.g. FP8 dequantized to bf16 panels).

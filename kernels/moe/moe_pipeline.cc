@@ -15,7 +15,7 @@ namespace {
 
 // A run of rows of one local expert (at most block_m rows): one gate_up work item per column tile.
 struct Segment {
-  int32_t start;   // first sorted row
+  int32_t start;  // first sorted row
   int32_t rows;
   int32_t expert;  // local expert
 };
@@ -213,7 +213,8 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
       for (int64_t tile = 0; tile < down_tiles; ++tile) {
         const int64_t n0 = tile * uk.down_n, n = std::min(uk.down_n, H - n0);
         if (c == 0)
-          for (int64_t m = 0; m < M; ++m) std::fill(acc + m * ld_acc + n0, acc + m * ld_acc + n0 + n, 0.0f);
+          for (int64_t m = 0; m < M; ++m)
+            std::fill(acc + m * ld_acc + n0, acc + m * ld_acc + n0 + n, 0.0f);
         const void* w2 = nullptr;
         int64_t w2_expert = -1;
         for (int64_t si = 0; si < chunk_segments; ++si) {
@@ -248,7 +249,9 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
     if (num_chunks == 0) {  // nothing routed to this rank: the sum is zero
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t h = 0; h < H; ++h) store_float(static_cast<char*>(a.out) + m * a.out_stride * (out_f32 ? 4 : 2), !out_f32, h, 0.0f);
+        for (int64_t h = 0; h < H; ++h)
+          store_float(static_cast<char*>(a.out) + m * a.out_stride * (out_f32 ? 4 : 2), !out_f32, h,
+                      0.0f);
     }
     if (uk.thread_end) uk.thread_end();
   }

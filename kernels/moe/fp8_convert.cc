@@ -21,6 +21,19 @@ const std::array<float, 256>& f32_table() {
 
 }  // namespace
 
+const uint8_t* fp8_bf16_byte_tables() {
+  static const std::array<uint8_t, 256> tables = [] {
+    std::array<uint8_t, 256> t{};
+    for (int v = 0; v < 128; ++v) {
+      const uint16_t h = f32_to_bf16(fp8_e4m3_to_f32(static_cast<uint8_t>(v)));
+      t[v] = static_cast<uint8_t>(h >> 8);
+      t[128 + v] = static_cast<uint8_t>(h & 0xFF);
+    }
+    return t;
+  }();
+  return tables.data();
+}
+
 void fp8_e4m3_to_f32_scalar(const uint8_t* src, float* dst, int64_t n) {
   const std::array<float, 256>& t = f32_table();
   for (int64_t i = 0; i < n; ++i) dst[i] = t[src[i]];
@@ -40,6 +53,9 @@ void fp8_dequant_f32_scalar(const uint8_t* q, const float* block_scales, int64_t
 
 const std::vector<Fp8Converter>& fp8_converters() {
   static const std::vector<Fp8Converter> converters = {
+      // VBMI is not part of any level, but every AMX CPU has it.
+      {"fp8_convert_avx512vbmi", MOEKIT_ISA_AMX, fp8_e4m3_to_bf16_avx512vbmi,
+       fp8_e4m3_to_f32_avx512vbmi, fp8_dequant_f32_avx512vbmi},
       {"fp8_convert_avx512", MOEKIT_ISA_AVX512, fp8_e4m3_to_bf16_avx512, fp8_e4m3_to_f32_avx512,
        fp8_dequant_f32_avx512},
       {"fp8_convert_avx2", MOEKIT_ISA_AVX2, fp8_e4m3_to_bf16_avx2, fp8_e4m3_to_f32_avx2,

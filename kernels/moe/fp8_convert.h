@@ -42,6 +42,10 @@ const std::vector<Fp8Converter>& fp8_converters();
 // The best converter the effective ISA level allows.
 const Fp8Converter& fp8_converter();
 
+// 256 bytes: the high bytes of bf16(fp8 magnitude v) for v = 0..127, then the low bytes (the
+// lookup tables of the VBMI converter).
+const uint8_t* fp8_bf16_byte_tables();
+
 void fp8_e4m3_to_bf16_scalar(const uint8_t* src, uint16_t* dst, int64_t n);
 void fp8_e4m3_to_f32_scalar(const uint8_t* src, float* dst, int64_t n);
 void fp8_dequant_f32_scalar(const uint8_t* q, const float* block_scales, int64_t n,
@@ -50,6 +54,10 @@ void fp8_e4m3_to_bf16_avx2(const uint8_t* src, uint16_t* dst, int64_t n);
 void fp8_e4m3_to_f32_avx2(const uint8_t* src, float* dst, int64_t n);
 void fp8_dequant_f32_avx2(const uint8_t* q, const float* block_scales, int64_t n,
                           int64_t block_k, float* dst);
+void fp8_e4m3_to_bf16_avx512vbmi(const uint8_t* src, uint16_t* dst, int64_t n);
+void fp8_e4m3_to_f32_avx512vbmi(const uint8_t* src, float* dst, int64_t n);
+void fp8_dequant_f32_avx512vbmi(const uint8_t* q, const float* block_scales, int64_t n,
+                                int64_t block_k, float* dst);
 void fp8_e4m3_to_bf16_avx512(const uint8_t* src, uint16_t* dst, int64_t n);
 void fp8_e4m3_to_f32_avx512(const uint8_t* src, float* dst, int64_t n);
 void fp8_dequant_f32_avx512(const uint8_t* q, const float* block_scales, int64_t n,

@@ -35,6 +35,7 @@ const ImplList<MoeAlignArgs>& moe_align_impls() {
 
 const ImplList<FusedMoeArgs>& fused_moe_impls() {
   static const ImplList<FusedMoeArgs> impls = {
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512vbmi, MOEKIT_ISA_AMX),
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512bf16, MOEKIT_ISA_AVX512_BF16),
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx2, MOEKIT_ISA_AVX2),
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_scalar, MOEKIT_ISA_SCALAR),

@@ -94,6 +94,32 @@ struct Ops {
     for (; e < n; ++e) t[e] = static_cast<float>(t[e] / sum);
   }
   static void make_keys(const float* scores, const float* bias, int64_t n, uint32_t* keys);
+  // Lane-wise maxima of keys[0, n) folded into lane_max[kLanes] (lane = position mod kLanes).
+  static void lane_max(const uint32_t* keys, int64_t n, uint32_t* lane_max) {
+    // keys are the row scratch, padded past E: the last partial load stays in bounds.
+    __m256i mx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_max));
+    for (int64_t e = 0; e < n; e += 8) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e));
+      mx = _mm256_max_epu32(mx, _mm256_and_si256(v, lane_mask(n - e)));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_max), mx);
+  }
+  // The two largest keys of keys[0, n) (a repeated maximum counts twice); 0 stands for NaN,
+  // which is what the reference's sum gives when a NaN is among the two.
+  static void top2(const uint32_t* keys, int64_t n, uint32_t* first, uint32_t* second) {
+    uint32_t k1 = 0, k2 = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      const uint32_t key = keys[e];
+      if (key > k1) {
+        k2 = k1;
+        k1 = key;
+      } else if (key > k2) {
+        k2 = key;
+      }
+    }
+    *first = k1;
+    *second = k2;
+  }
   static uint32_t mask_ge(const uint32_t* keys, int n, uint32_t threshold) {
     // keys are the row scratch, padded past E: a full load stays in bounds.
     const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys));

@@ -96,6 +96,37 @@ struct Ops {
       _mm512_mask_storeu_epi32(keys + e, m, _mm512_mask_mov_epi32(u, nan, zero));
     }
   }
+  static void lane_max(const uint32_t* keys, int64_t n, uint32_t* lane_max) {
+    __m512i mx = _mm512_load_si512(lane_max);
+    for (int64_t e = 0; e < n; e += 16)
+      mx = _mm512_max_epu32(mx, _mm512_maskz_loadu_epi32(tail_mask(n - e), keys + e));
+    _mm512_store_si512(lane_max, mx);
+  }
+  // The two largest keys of keys[0, n) (a repeated maximum counts twice); 0 stands for NaN,
+  // which is what the reference's sum gives when a NaN is among the two.
+  static void top2(const uint32_t* keys, int64_t n, uint32_t* first, uint32_t* second) {
+    if (n < 2) {
+      *first = n == 1 ? keys[0] : 0;
+      *second = 0;
+      return;
+    }
+    __m512i mx = _mm512_setzero_si512();
+    for (int64_t e = 0; e < n; e += 16)
+      mx = _mm512_max_epu32(mx, _mm512_maskz_loadu_epi32(tail_mask(n - e), keys + e));
+    const uint32_t k1 = _mm512_reduce_max_epu32(mx);
+    const __m512i k1v = _mm512_set1_epi32(static_cast<int>(k1));
+    int count = 0;
+    __m512i rest = _mm512_setzero_si512();
+    for (int64_t e = 0; e < n; e += 16) {
+      const __mmask16 m = tail_mask(n - e);
+      const __m512i v = _mm512_maskz_loadu_epi32(m, keys + e);
+      const __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(m, v, k1v);
+      count += __builtin_popcount(eq);
+      rest = _mm512_mask_max_epu32(rest, static_cast<__mmask16>(m & ~eq), rest, v);
+    }
+    *first = k1;
+    *second = count >= 2 ? k1 : _mm512_reduce_max_epu32(rest);
+  }
   static uint32_t mask_ge(const uint32_t* keys, int n, uint32_t threshold) {
     const __mmask16 m = tail_mask(n);
     const __m512i k = _mm512_maskz_loadu_epi32(m, keys);

@@ -67,6 +67,26 @@ struct Ops {
     for (int64_t e = 0; e < n; ++e) t[e] = static_cast<float>(t[e] / sum);
   }
   static void make_keys(const float* scores, const float* bias, int64_t n, uint32_t* keys);
+  // Lane-wise maxima of keys[0, n) folded into lane_max[kLanes] (lane = position mod kLanes).
+  static void lane_max(const uint32_t* keys, int64_t n, uint32_t* lane_max) {
+    for (int64_t e = 0; e < n; ++e) lane_max[e % kLanes] = std::max(lane_max[e % kLanes], keys[e]);
+  }
+  // The two largest keys of keys[0, n) (a repeated maximum counts twice); 0 stands for NaN,
+  // which is what the reference's sum gives when a NaN is among the two.
+  static void top2(const uint32_t* keys, int64_t n, uint32_t* first, uint32_t* second) {
+    uint32_t k1 = 0, k2 = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      const uint32_t key = keys[e];
+      if (key > k1) {
+        k2 = k1;
+        k1 = key;
+      } else if (key > k2) {
+        k2 = key;
+      }
+    }
+    *first = k1;
+    *second = k2;
+  }
   static uint32_t mask_ge(const uint32_t* keys, int n, uint32_t threshold) {
     uint32_t mask = 0;
     for (int i = 0; i < n; ++i) mask |= static_cast<uint32_t>(keys[i] >= threshold) << i;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/moe/fp8_vnni.h"
+#include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe.h"
 #include "reference/reference.h"
 #include "tests/test_util.h"
@@ -179,13 +180,22 @@ void expect_close(const std::vector<float>& want, const std::vector<float>& got,
   }
 }
 
-// The AVX-512 kernels round activations and the intermediate to bf16; the others compute in f32.
+// The AVX-512 and AMX kernels round activations and the intermediate to bf16; the others
+// compute in f32.
 double tolerance(const char* name) {
-  return std::string(name).find("avx512") != std::string::npos ? 3e-2 : 1e-5;
+  const std::string n(name);
+  return n.find("avx512") != std::string::npos || n.find("amx") != std::string::npos ? 3e-2 : 1e-5;
 }
 
 class MoeFp8Test : public ::testing::TestWithParam<int> {
  protected:
+  // The AMX kernel sends segments of few rows to AVX-512; in the small-shape tests every
+  // segment goes to the tiles instead (partial tiles of 1..15 rows).
+  void SetUp() override {
+    if (std::string(impl().name).find("_amx") != std::string::npos) amx_set_min_rows(1);
+  }
+  void TearDown() override { amx_set_min_rows(0); }
+
   const Impl<FusedMoeArgs>& impl() const { return fused_moe_impls()[GetParam()]; }
 
   // Runs case c with the kernel and the reference and compares them; returns the number of
@@ -235,13 +245,14 @@ TEST_P(MoeFp8Test, SmallShapes) {
 
 TEST_P(MoeFp8Test, ModelShapes) {
   MOEKIT_SKIP_IF_CANNOT_RUN(impl());
+  amx_set_min_rows(0);  // the default threshold: model shapes use both paths
   const bool scalar = impl().level == MOEKIT_ISA_SCALAR;
   const Case cases[] = {
       {3072, 1536, 8, 8, 1, 128, 128},  // MiniMax-M2 decode
       {3072, 1536, 8, 2, 2, 128, 128},
       {4096 + 13, 1536, 8, 1, 2, 128, 128},  // partial last K block, odd K
       {4096 + 13, 32, 8, 2, 17, 256, 256},
-      {3072, 1536, 1, 1, 17, 64, 64},
+      {3072, 1536, 1, 1, 64, 64, 64},  // 64 rows of one expert: AMX tiles on AMX machines
   };
   uint32_t seed = 200;
   for (const Case& c : cases) {

@@ -128,4 +128,10 @@ const char* fp8_fused_moe_supports(const MoeMicrokernel& uk, const FusedMoeArgs&
   return fp8_vnni_unsupported(a.experts->block_n, a.experts->block_k);
 }
 
+const char* fp8_amx_fused_moe_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
+  if (const char* why = fp8_fused_moe_supports(uk, a)) return why;
+  return a.experts->block_k % kMoePanelK != 0 ? "fp8 block_k is not a multiple of 32 (AMX tiles)"
+                                              : nullptr;
+}
+
 }  // namespace moekit

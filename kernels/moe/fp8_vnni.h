@@ -83,11 +83,14 @@ const void* fp8_vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatri
 
 // Fused-MoE microkernels over FP8 VNNI weights (each defined in its ISA's translation unit),
 // and the checks they share: the pipeline's, plus the block sizes the layout holds.
+const MoeMicrokernel& moe_microkernel_fp8_amx();
 const MoeMicrokernel& moe_microkernel_fp8_avx512vbmi();  // amx level (implies VBMI)
 const MoeMicrokernel& moe_microkernel_fp8_avx512bf16();
 const MoeMicrokernel& moe_microkernel_fp8_avx2();
 const MoeMicrokernel& moe_microkernel_fp8_scalar();
 const char* fp8_fused_moe_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a);
+// The AMX kernel also needs block_k to be a multiple of 32 (whole B tiles per block).
+const char* fp8_amx_fused_moe_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a);
 
 }  // namespace moekit
 

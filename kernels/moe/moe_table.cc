@@ -25,20 +25,26 @@ const ImplList<MoeAlignArgs>& moe_align_impls() {
         [](const FusedMoeArgs& a) { fused_moe_pipeline(Kernel(), a); }                      \
   }
 
-// The same for FP8 microkernels, which also check the block sizes (fp8_vnni.h).
-#define MOEKIT_MOE_FP8_ENTRY(Kernel, level)                                                \
+// The same for FP8 microkernels, which also check the block sizes (fp8_vnni.h). The name is
+// spelled out so that building the table runs no code compiled for a higher ISA level.
+#define MOEKIT_MOE_FP8_ENTRY(Kernel, name, level, supports)                                 \
   {                                                                                         \
-    Kernel().name, level,                                                                   \
-        [](const FusedMoeArgs& a) { return fp8_fused_moe_supports(Kernel(), a); },         \
+    name, level, [](const FusedMoeArgs& a) { return supports(Kernel(), a); },               \
         [](const FusedMoeArgs& a) { fused_moe_pipeline(Kernel(), a); }                      \
   }
 
 const ImplList<FusedMoeArgs>& fused_moe_impls() {
   static const ImplList<FusedMoeArgs> impls = {
-      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512vbmi, MOEKIT_ISA_AMX),
-      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512bf16, MOEKIT_ISA_AVX512_BF16),
-      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx2, MOEKIT_ISA_AVX2),
-      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_scalar, MOEKIT_ISA_SCALAR),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_amx, "fused_moe_fp8_amx", MOEKIT_ISA_AMX,
+                           fp8_amx_fused_moe_supports),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512vbmi, "fused_moe_fp8_avx512vbmi_vnni",
+                           MOEKIT_ISA_AMX, fp8_fused_moe_supports),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx512bf16, "fused_moe_fp8_avx512bf16_vnni",
+                           MOEKIT_ISA_AVX512_BF16, fp8_fused_moe_supports),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_avx2, "fused_moe_fp8_avx2_vnni", MOEKIT_ISA_AVX2,
+                           fp8_fused_moe_supports),
+      MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_scalar, "fused_moe_fp8_scalar_vnni",
+                           MOEKIT_ISA_SCALAR, fp8_fused_moe_supports),
       {"fused_moe_bf16_amx", MOEKIT_ISA_AMX, fused_moe_amx_supports, fused_moe_amx},  // moe_amx.h
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16),
       MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512, MOEKIT_ISA_AVX512),

@@ -7,7 +7,7 @@ moekit_isa_sources(amx kernels/moe/fp8_convert_avx512vbmi.cc)
 list(APPEND MOEKIT_SOURCES kernels/moe/fp8_vnni.cc kernels/moe/moe_gemm_fp8_scalar.cc)
 moekit_isa_sources(avx2 kernels/moe/moe_gemm_fp8_avx2.cc)
 moekit_isa_sources(avx512_bf16 kernels/moe/moe_gemm_fp8_avx512bf16.cc)
-moekit_isa_sources(amx kernels/moe/moe_gemm_fp8_avx512vbmi.cc)
+moekit_isa_sources(amx kernels/moe/moe_gemm_fp8_avx512vbmi.cc kernels/moe/moe_gemm_fp8_amx.cc)
 list(APPEND MOEKIT_SOURCES kernels/moe/moe_amx.cc)
 moekit_isa_sources(amx kernels/moe/moe_gemm_amx.cc)
 # Blockwise expert matmul: the generic pipeline and packing (plain C++), one microkernel file

@@ -14,7 +14,10 @@
 //               per second;  bw_frac  weight_Bps / the streaming-read bandwidth measured by this
 //               binary (BM_StreamingRead) with the same threads;  GFLOPs  2 * 3 * H * I per
 //               routed pair;  x_moekit (on baseline rows)  baseline time / the time of the
-//               implementation dispatch chooses for that dtype (> 1: moekit is faster).
+//               implementation dispatch chooses for that dtype (> 1: moekit is faster);
+//               x_avx512bf16 (oneDNN rows)  the same against fused_moe_bf16_avx512bf16_vnni.
+// oneDNN picks its own ISA (AMX here); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it to the
+// AVX-512-BF16 kernels for a like-for-like comparison with the avx512bf16 implementation.
 // Every call takes the next of several routings so that decode calls stream weights from memory
 // (the experts' weights are several times the last-level cache).
 //
@@ -330,6 +333,10 @@ FusedMoeArgs args_for(const moekit_experts* w, Io& io, const Routing& r, bool f3
 
 // Seconds per call of the implementation dispatch chooses, by (dtype, M); measured by the
 // BM_FusedMoe rows and read by the baselines' x_moekit.
+std::map<std::pair<std::string, int64_t>, double>& impl_seconds() {
+  static std::map<std::pair<std::string, int64_t>, double> m;
+  return m;
+}
 std::map<std::pair<int, int64_t>, double>& chosen_seconds() {
   static std::map<std::pair<int, int64_t>, double> m;
   return m;
@@ -372,6 +379,7 @@ void BM_FusedMoe(benchmark::State& state, int impl_index, int64_t M, bool f32) {
     seconds = time_cycling(rs, [&](const Routing& r) { impl.run(args_for(w, io, r, f32)); });
   const bool chosen = &moekit::choose("fused_moe", moekit::fused_moe_impls(), probe) == &impl;
   if (chosen) chosen_seconds()[{f32, M}] = seconds;
+  impl_seconds()[{impl.name, M}] = seconds;
   state.counters["chosen"] = chosen;
   set_counters(state, M, seconds, mean_distinct(rs), f32 ? 4 : 2);
 }
@@ -457,6 +465,8 @@ void BM_OnednnPerExpert(benchmark::State& state, int64_t M) {
   for (auto _ : state) seconds = time_cycling(rs, call);
   auto it = chosen_seconds().find({false, M});
   if (it != chosen_seconds().end()) state.counters["x_moekit"] = seconds / it->second;
+  auto bf = impl_seconds().find({"fused_moe_bf16_avx512bf16_vnni", M});
+  if (bf != impl_seconds().end()) state.counters["x_avx512bf16"] = seconds / bf->second;
   set_counters(state, M, seconds, mean_distinct(rs), 2);
 }
 

@@ -5,7 +5,7 @@
 set(MOEKIT_FLAGS_avx2 "-mavx2 -mfma -mf16c")
 set(MOEKIT_FLAGS_avx512 "${MOEKIT_FLAGS_avx2} -mavx512f -mavx512bw -mavx512vl -mavx512dq")
 set(MOEKIT_FLAGS_avx512_bf16 "${MOEKIT_FLAGS_avx512} -mavx512bf16 -mavx512vnni")
-set(MOEKIT_FLAGS_amx "${MOEKIT_FLAGS_avx512_bf16} -mamx-tile -mamx-bf16 -mamx-int8")
+set(MOEKIT_FLAGS_amx "${MOEKIT_FLAGS_avx512_bf16} -mavx512vbmi -mamx-tile -mamx-bf16 -mamx-int8")
 
 # moekit_isa_sources(<level> <files...>): add files compiled for <level> to MOEKIT_SOURCES.
 macro(moekit_isa_sources level)

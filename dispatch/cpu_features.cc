@@ -74,6 +74,7 @@ CpuFeatures detect() {
     f.avx512dq = bit(r7.b, 17);
     f.avx512bw = bit(r7.b, 30);
     f.avx512vl = bit(r7.b, 31);
+    f.avx512_vbmi = bit(r7.c, 1);
     f.avx512_vnni = bit(r7.c, 11);
     f.amx_bf16 = bit(r7.d, 22);
     f.amx_tile = bit(r7.d, 24);
@@ -88,8 +89,10 @@ CpuFeatures detect() {
   const bool avx2 = f.os_avx && f.avx2 && f.fma && f.f16c;
   const bool avx512 = avx2 && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
   const bool avx512_bf16 = avx512 && f.avx512_bf16 && f.avx512_vnni;
-  const bool amx = avx512_bf16 && f.amx_tile && f.amx_bf16 && f.amx_int8 && f.os_amx &&
-                   f.amx_permitted;
+  // Every AMX CPU also has AVX512-VBMI; the amx level requires it so that amx-level kernels may
+  // use byte permutes (the FP8 tables).
+  const bool amx = avx512_bf16 && f.avx512_vbmi && f.amx_tile && f.amx_bf16 && f.amx_int8 &&
+                   f.os_amx && f.amx_permitted;
   f.level = amx           ? MOEKIT_ISA_AMX
             : avx512_bf16 ? MOEKIT_ISA_AVX512_BF16
             : avx512      ? MOEKIT_ISA_AVX512

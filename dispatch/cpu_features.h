@@ -14,7 +14,7 @@ struct CpuFeatures {
   std::string brand;
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
-  bool avx512_bf16 = false, avx512_vnni = false;
+  bool avx512_bf16 = false, avx512_vnni = false, avx512_vbmi = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   bool os_avx = false;      // XCR0 has the YMM state
   bool os_avx512 = false;   // XCR0 has opmask + ZMM states

@@ -52,7 +52,7 @@ typedef enum moekit_isa {
   MOEKIT_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
   MOEKIT_ISA_AVX512 = 2,      /* AVX-512 F, BW, VL, DQ */
   MOEKIT_ISA_AVX512_BF16 = 3, /* + AVX512-BF16, AVX512-VNNI */
-  MOEKIT_ISA_AMX = 4,         /* + AMX-TILE, AMX-BF16, AMX-INT8, tile state granted by the OS */
+  MOEKIT_ISA_AMX = 4,         /* + AVX512-VBMI, AMX-TILE, AMX-BF16, AMX-INT8, tile state granted */
 } moekit_isa;
 
 #define MOEKIT_MAX_DIMS 4

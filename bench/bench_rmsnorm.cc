@@ -36,29 +36,34 @@ constexpr int64_t kRowCounts[] = {1, 16, 256, kColdRows};
 
 size_t elem_size(moekit_dtype d) { return d == MOEKIT_BF16 ? 2 : 4; }
 
-// One memory arena for the cold runs, filled with bf16 values in [-1, 1] whose pairs read as
-// f32 also lie in [-1, 1]: every benchmark can view it as inputs of either dtype.
+// Inputs: bf16 values of magnitude 2^-7 .. 2^-3 with a random sign and mantissa, whose pairs
+// read as f32 also lie in that range, so that one buffer serves either dtype.
+void fill_inputs(unsigned char* p, size_t bytes) {
+  auto* h = reinterpret_cast<uint16_t*>(p);
+  const int64_t n = static_cast<int64_t>(bytes / 2);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t z = static_cast<uint32_t>(i) * 2654435761u;
+    z ^= z >> 15;
+    h[i] = static_cast<uint16_t>(0x3C00u | (z & 0x837Fu));
+  }
+}
+
+// One memory arena for the cold runs, refilled for each benchmark: outputs an earlier
+// benchmark wrote as f32 would read as bf16 NaNs here and send rows down the slow path.
 struct Arena {
   moekit::AlignedBytes data;
   size_t bytes = 0;
 };
 
-const Arena& arena() {
+const Arena& fresh_arena() {
   static Arena a;
   static std::once_flag once;
   std::call_once(once, [] {
     a.bytes = moekit_bench::streaming_buffer_bytes();
     a.data = moekit::aligned_alloc_bytes(a.bytes);
-    auto* h = reinterpret_cast<uint16_t*>(a.data.get());
-    const int64_t n = static_cast<int64_t>(a.bytes / 2);
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t z = static_cast<uint32_t>(i) * 2654435761u;
-      z ^= z >> 15;
-      // Magnitudes 2^-7 .. 2^-3 with a random sign and mantissa.
-      h[i] = static_cast<uint16_t>(0x3C00u | (z & 0x837Fu));
-    }
   });
+  fill_inputs(a.data.get(), a.bytes);
   return a;
 }
 
@@ -68,17 +73,12 @@ class Sets {
   // Hot: one private set, filled like the arena. Cold: consecutive sets of the arena.
   Sets(size_t bytes_per_set, bool cold) : bytes_(bytes_per_set) {
     if (cold) {
-      const Arena& a = arena();
+      const Arena& a = fresh_arena();
       count_ = std::max<size_t>(1, a.bytes / bytes_per_set);
       base_ = a.data.get();
     } else {
       own_ = moekit::aligned_alloc_bytes(bytes_per_set);
-      auto* h = reinterpret_cast<uint16_t*>(own_.get());
-      for (size_t i = 0; i < bytes_per_set / 2; ++i) {
-        uint32_t z = static_cast<uint32_t>(i) * 2654435761u;
-        z ^= z >> 15;
-        h[i] = static_cast<uint16_t>(0x3C00u | (z & 0x837Fu));
-      }
+      fill_inputs(own_.get(), bytes_per_set);
       base_ = own_.get();
       count_ = 1;
     }

@@ -1,6 +1,6 @@
-// Fused-MoE microkernels for FP8 weights with AMX-BF16, for segments of many rows (prefill);
-// segments of fewer than amx_min_rows() rows go to the AVX-512 VBMI microkernel (a tile pass
-// costs the same for 1 row as for 16).
+// Fused-MoE microkernels for FP8 weights with AMX-BF16, for segments of several rows;
+// segments of fewer than amx_min_rows() / 4 rows go to the AVX-512 VBMI microkernel (a tile
+// pass costs the same for 1 row as for 16).
 //
 // NOTE: per call and per K block of the block scales (block_k a multiple of 32):
 //   1. the tile's panels for the block are converted fp8 -> bf16 once (VBMI tables, exact,
@@ -119,7 +119,9 @@ void amx_reduce(const uint16_t* a, int64_t lda, int64_t rows, int64_t K, const v
   }
 }
 
-bool use_amx(int64_t rows) { return rows >= amx_min_rows(); }
+// The AVX-512 FP8 path pays a conversion per weight that the AMX path shares by up to 16 rows,
+// so FP8 moves to the tiles at a quarter of the bf16 threshold (4 rows by default).
+bool use_amx(int64_t rows) { return rows >= std::max<int64_t>(1, amx_min_rows() / 4); }
 
 void gate_up(const MoeGateUpCall& call) {
   if (!use_amx(call.m)) return moe_microkernel_fp8_avx512vbmi().gate_up(call);

@@ -126,7 +126,9 @@ run_benches() {
       flops = "-"; bw = "-"; extra = ""
       for (i = 7; i <= NF; ++i) {
         if ($i ~ /^FLOP\/s=/) flops = substr($i, 8)
+        else if ($i ~ /^GFLOPs=/) flops = sprintf("%.4gG/s", substr($i, 8))
         else if ($i ~ /^bytes_per_second=/) bw = substr($i, 18)
+        else if ($i ~ /^weight_Bps=/) bw = substr($i, 12) "/s"
         else extra = extra " " $i
       }
       printf "%-58s %10s %-3s %12s %12s %s\n", $1, $2, $3, flops, bw, extra

@@ -98,9 +98,10 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
 struct MoeMicrokernel;
 struct FusedMoeArgs;
 
-// Rows from which an expert segment runs on AMX tiles (measured on a 2-core AMX machine, see
-// bench/RESULTS.md "AMX expert matmul"); MOEKIT_AMX_MIN_ROWS=<n> overrides it.
-constexpr int64_t kAmxDefaultMinRows = 16;
+// Rows from which an expert segment runs on AMX tiles: bench_moe_amx on a 2-core AMX machine
+// (bench/RESULTS.md, "AMX expert matmul") found the two microkernels even up to ~4 rows (both
+// wait on the weights) and AMX ahead from 8; MOEKIT_AMX_MIN_ROWS=<n> overrides it.
+constexpr int64_t kAmxDefaultMinRows = 8;
 
 // The threshold in force: amx_set_min_rows(n > 0), else MOEKIT_AMX_MIN_ROWS (read once), else
 // kAmxDefaultMinRows.

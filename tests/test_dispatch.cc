@@ -184,7 +184,8 @@ TEST(CpuFeatures, LevelFollowsTheFlags) {
   const bool avx2 = f.os_avx && f.avx2 && f.fma && f.f16c;
   const bool avx512 = avx2 && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
   const bool bf16 = avx512 && f.avx512_bf16 && f.avx512_vnni;
-  const bool amx = bf16 && f.amx_tile && f.amx_bf16 && f.amx_int8 && f.os_amx && f.amx_permitted;
+  const bool amx = bf16 && f.avx512_vbmi && f.amx_tile && f.amx_bf16 && f.amx_int8 && f.os_amx &&
+                   f.amx_permitted;
   const moekit_isa expect = amx      ? MOEKIT_ISA_AMX
                             : bf16   ? MOEKIT_ISA_AVX512_BF16
                             : avx512 ? MOEKIT_ISA_AVX512
@@ -212,6 +213,7 @@ TEST(CpuFeatures, AgreesWithTheCompilerRuntime) {
   EXPECT_EQ(f.avx512dq && f.os_avx512, __builtin_cpu_supports("avx512dq") != 0);
   EXPECT_EQ(f.avx512_vnni && f.os_avx512, __builtin_cpu_supports("avx512vnni") != 0);
   EXPECT_EQ(f.avx512_bf16 && f.os_avx512, __builtin_cpu_supports("avx512bf16") != 0);
+  EXPECT_EQ(f.avx512_vbmi && f.os_avx512, __builtin_cpu_supports("avx512vbmi") != 0);
 }
 
 // ---- threads ---------------------------------------------------------------------------------

@@ -245,6 +245,7 @@ TEST_P(MoeFp8Test, SmallShapes) {
       {64, 32, 64, 8, 17, 128, 128}, {64, 32, 64, 1, 2, 256, 256}, {96, 48, 8, 2, 64, 16, 64},
       {77, 45, 8, 2, 17, 64, 64},  // odd K in both GEMMs, partial panels and blocks
       {100, 70, 4, 2, 33, 32, 18},  // blocks that split panels' K, not multiples of 32
+      {64, 32, 2, 1, 3, 32, 18},    // an odd number of pairs in the last block, at K's end
   };
   uint32_t seed = 100;
   for (const Case& c : cases) run_case(c, seed++);

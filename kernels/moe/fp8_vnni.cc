@@ -14,7 +14,8 @@
 namespace moekit {
 
 size_t fp8_vnni_panel_bytes(int64_t K, int64_t block_k) {
-  return fp8_panel_header_bytes(K, block_k) + static_cast<size_t>(vnni_padded_k(K) * kMoePanelN);
+  return fp8_panel_header_bytes(K, block_k) + static_cast<size_t>(vnni_padded_k(K) * kMoePanelN) +
+         kFp8PanelSlackBytes;
 }
 
 size_t fp8_vnni_matrix_bytes(int64_t N, int64_t K, int64_t block_k) {
@@ -49,6 +50,7 @@ void fp8_vnni_pack_matrix(const uint8_t* q, const float* scales, int64_t N, int6
           const int64_t n = p * kMoePanelN + c, kx = 2 * kk + i;
           *data++ = n < N && kx < K ? q[n * K + kx] : uint8_t{0};
         }
+    std::memset(data, 0, kFp8PanelSlackBytes);
   }
 }
 

@@ -11,6 +11,9 @@
 //           holds W[16p + n][2kk + i], i.e. 32 bytes per K pair. Converted to bf16 in element
 //           order, 32 bytes give exactly the operand of one _mm512_dpbf16_ps, and 16 K pairs
 //           one AMX B tile.
+//   slack:  kFp8PanelSlackBytes zero bytes, so that a kernel converting two K pairs at a time
+//           may read one pair past the end of a block (an odd block_k / 2) without leaving
+//           the panel.
 // A panel must lie inside one block row, so block_n must be a multiple of 16; block_k must be
 // even (a block never splits a K pair). Panels are consecutive: the tile of columns
 // [n0, n0 + n) (n0 a multiple of 16) starts at panel n0 / 16.
@@ -31,6 +34,8 @@ struct Fp8PanelHeader {
   int64_t panel_bytes;  // header + data: the distance to the next panel
 };
 static_assert(sizeof(Fp8PanelHeader) == 16, "the scales follow at byte 16");
+
+constexpr size_t kFp8PanelSlackBytes = 64;
 
 inline int64_t fp8_num_k_blocks(int64_t K, int64_t block_k) { return (K + block_k - 1) / block_k; }
 inline size_t fp8_panel_header_bytes(int64_t K, int64_t block_k) {

@@ -75,7 +75,9 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   GenerateResult r;
   r.prompt_tokens = static_cast<int64_t>(prompt.size());
   if (prompt.empty() || options.max_new_tokens < 1) return r;
-  KvCache cache(model, r.prompt_tokens + options.max_new_tokens);
+  // The cache grows as needed; reserving for a huge token limit up front would fail needlessly.
+  constexpr int64_t kInitialDecodeReserve = 256;
+  KvCache cache(model, r.prompt_tokens + std::min(options.max_new_tokens, kInitialDecodeReserve));
   Sampler sampler(options.sampling);
   std::vector<float> logits(static_cast<size_t>(V));
   auto is_eos = [&](int32_t id) {

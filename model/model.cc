@@ -70,19 +70,25 @@ void expect_shape(const TensorInfo& t, const std::vector<int64_t>& shape) {
                      shape_string(shape));
 }
 
-// Widens an F32 / BF16 / F16 tensor to f32.
+// Element i of 16-bit data that the file may not align to 2 bytes.
+uint16_t load_u16(const unsigned char* p, int64_t i) {
+  uint16_t v;
+  std::memcpy(&v, p + 2 * i, sizeof v);
+  return v;
+}
+
+// Widens an F32 / BF16 / F16 tensor to f32. Tensor data sits wherever the header put it,
+// possibly unaligned, so every element is read through memcpy.
 void widen(const TensorInfo& t, float* out) {
   const int64_t n = t.numel();
   if (t.dtype == "F32") {
     std::memcpy(out, t.data, static_cast<size_t>(n) * 4);
   } else if (t.dtype == "BF16") {
-    const auto* p = reinterpret_cast<const uint16_t*>(t.data);
 #pragma omp parallel for schedule(static) if (n > (1 << 20))
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(load_u16(t.data, i));
   } else if (t.dtype == "F16") {
-    const auto* p = reinterpret_cast<const uint16_t*>(t.data);
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t h = p[i], sign = (h >> 15) & 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+      const uint32_t h = load_u16(t.data, i), sign = (h >> 15) & 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
       float v = e == 0    ? std::ldexp(static_cast<float>(m), -24)
                 : e == 31 ? (m ? std::nanf("") : std::numeric_limits<float>::infinity())
                           : std::ldexp(1.0f + m / 1024.0f, static_cast<int>(e) - 15);
@@ -131,7 +137,9 @@ void load_matrix_into(const Checkpoint& ck, const ModelConfig& c, const std::str
   if (t.dtype == "F8_E4M3") {
     const TensorInfo& s = fp8_scales(ck, c, t);
     const auto* q = t.data;
-    const auto* scale = reinterpret_cast<const float*>(s.data);
+    std::vector<float> scale_values(static_cast<size_t>(s.numel()));
+    std::memcpy(scale_values.data(), s.data, s.bytes);
+    const float* scale = scale_values.data();
     const int64_t scale_cols = ceil_div(K, c.block_k);
 #pragma omp parallel for schedule(static) if (N * K > (1 << 20))
     for (int64_t n = 0; n < N; ++n)
@@ -259,9 +267,18 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
     if (c.use_routing_bias) layer.bias = load_vector(ck, moe + "e_score_correction_bias", E);
 
     // Experts: point the pack call straight at the mapped checkpoint, then drop those pages.
+    // Weights or FP8 scale tables that the header left misaligned for their element type are
+    // copied first: packers may read them as uint16_t / float.
     std::vector<const void*> w[3];
     std::vector<const float*> s[3];
     std::vector<const TensorInfo*> used;
+    std::vector<std::vector<float>> aligned_copies;
+    auto aligned = [&aligned_copies](const TensorInfo& t, size_t elem) -> const void* {
+      if (reinterpret_cast<uintptr_t>(t.data) % elem == 0) return t.data;
+      aligned_copies.emplace_back((t.bytes + 3) / 4);
+      std::memcpy(aligned_copies.back().data(), t.data, t.bytes);
+      return aligned_copies.back().data();
+    };
     const char* kNames[3] = {"w1", "w3", "w2"};
     std::string first_dtype;
     for (int64_t e = 0; e < E; ++e)
@@ -275,12 +292,12 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
         if (t.dtype != first_dtype)
           throw ModelError(tensor_where(t) + " has dtype " + t.dtype + " but the layer's other experts are " +
                            first_dtype);
-        w[i].push_back(t.data);
+        w[i].push_back(aligned(t, t.dtype == "F32" ? 4 : t.dtype == "BF16" ? 2 : 1));
         used.push_back(&t);
         account(t);
         if (t.dtype == "F8_E4M3") {
           const TensorInfo& st = fp8_scales(ck, c, t);
-          s[i].push_back(reinterpret_cast<const float*>(st.data));
+          s[i].push_back(static_cast<const float*>(aligned(st, 4)));
           used.push_back(&st);
         }
       }
@@ -563,6 +580,7 @@ void Model::forward(const int32_t* ids, int64_t T, KvCache* cache, float* logits
     if (name && *name) kernels_[op] = name;
   }
   kernels_["dense_gemm"] = gemm_backend_name(gemm_.backend());
+  kernels_["attention"] = "openblas_sgemm_per_head";
 }
 
 std::map<std::string, std::string> Model::kernels() const { return kernels_; }

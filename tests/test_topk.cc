@@ -612,7 +612,8 @@ TEST(TopkApi, RouteRejectsBadArguments) {
   { ApiCall c; c.params.num_expert_group = 5; c.params.topk_group = 1; expect_rejected(c.route(), c, "params.num_expert_group"); }
   { ApiCall c; c.params.num_expert_group = 4; c.params.topk_group = 5; expect_rejected(c.route(), c, "params.topk_group"); }
   { ApiCall c; c.params.routed_scaling_factor = NAN; expect_rejected(c.route(), c, "params.routed_scaling_factor"); }
-  { ApiCall c; c.params.scoring = static_cast<moekit_scoring>(7); expect_rejected(c.route(), c, "params.scoring"); }
+  // (An out-of-range scoring value is not tested from C++: loading it is undefined behaviour
+  // here, which the sanitizer build rejects; the entry point does check it for C callers.)
   { ApiCall c; expect_rejected(moekit_topk_route(nullptr, &c.t_bias, &c.params, &c.t_weights, &c.t_ids), c, "logits"); }
   { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, nullptr, &c.t_weights, &c.t_ids), c, "params"); }
   { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, nullptr, &c.t_ids), c, "weights"); }

@@ -247,7 +247,7 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
 // NOTE: the pipeline (moe_pipeline.cc) hands gate_up the rows of one expert segment as indices
 // into the converted activations (pad_a: bf16, rows zero-padded to vnni_padded_k(H)); tileloadd
 // needs rows at a fixed stride, so they are first copied into the thread's scratch (amx_padded_m
-// rows, the padding rows zeroed). Segments of fewer than amx_min_rows() rows go to the
+// rows, the padding rows zeroed), and kept there for the next column tile of the same segment. Segments of fewer than amx_min_rows() rows go to the
 // AVX-512-BF16 microkernel instead: a tile pass costs the same for 1 row as for 16, and the
 // VNNI panels it reads are the same bytes. Its tiles are narrower than ours, so such calls are
 // split into column pieces of its width.
@@ -257,8 +257,27 @@ constexpr int64_t kAmxGateUpN = 64;  // 4 column tiles of w1 and of w3 per gate_
 constexpr int64_t kAmxDownN = 64;
 constexpr int64_t kAmxBlockM = 128;  // gathered rows fit the pipeline's per-thread scratch
 
+// The segment whose rows this thread's scratch holds, so that the next column tile of the same
+// segment skips the copy (dynamic scheduling often hands a thread neighbouring tiles). Reset
+// when a pipeline call enters and leaves the thread: within one call the activations and the
+// row lists do not change, so equal pointers mean equal rows.
+struct GatheredRows {
+  const void* a = nullptr;
+  const int32_t* rows = nullptr;
+  int64_t m = 0, lda = 0, K = 0;
+  const void* scratch = nullptr;
+  bool same(const MoeGateUpCall& c) const {
+    return a == c.a && rows == c.a_rows && m == c.m && lda == c.lda && K == c.K &&
+           scratch == c.scratch;
+  }
+};
+thread_local GatheredRows t_gathered;
+
+void t_gathered_invalidate() { t_gathered = GatheredRows{}; }
+
 // Routes a small segment to the AVX-512-BF16 microkernel, `width` columns at a time.
 void gate_up_small(const MoeGateUpCall& call) {
+  t_gathered_invalidate();  // that kernel may use the scratch
   const MoeMicrokernel& small = moe_microkernel_bf16_avx512bf16();
   const size_t panel_bytes = vnni_panel_bytes(call.K, MOEKIT_BF16);
   for (int64_t c0 = 0; c0 < call.n; c0 += small.gate_up_n) {
@@ -273,6 +292,7 @@ void gate_up_small(const MoeGateUpCall& call) {
 }
 
 void down_small(const MoeDownCall& call) {
+  t_gathered_invalidate();  // that kernel may use the scratch
   const MoeMicrokernel& small = moe_microkernel_bf16_avx512bf16();
   const size_t panel_bytes = vnni_panel_bytes(call.K, MOEKIT_BF16);
   for (int64_t c0 = 0; c0 < call.n; c0 += small.down_n) {
@@ -289,16 +309,31 @@ bool use_amx(int64_t rows) {
   return rows >= amx_min_rows() || rows > moe_microkernel_bf16_avx512bf16().block_m;
 }
 
-// gate_up for rows [r0, r0 + rows) of the call, gathered into `a` first.
-void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, uint16_t* a) {
+void pipeline_thread_begin() {
+  t_gathered_invalidate();
+  amx_tile_configure();
+}
+
+void pipeline_thread_end() {
+  t_gathered_invalidate();
+  amx_tile_release();
+}
+
+// Copies rows [r0, r0 + rows) of the call into `a` (padded_k apart, padding rows zeroed).
+void gather_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, uint16_t* a) {
   const int64_t padded_k = amx_padded_k(call.K), padded_rows = amx_padded_m(rows);
-  const int64_t k_blocks = padded_k / kAmxTileK;
-  const size_t panel_elems = static_cast<size_t>(padded_k * kAmxTileN);
   const auto* x = static_cast<const uint16_t*>(call.a);
   for (int64_t r = 0; r < rows; ++r)  // rows are zero-padded to padded_k by the pipeline
     std::memcpy(a + r * padded_k, x + call.a_rows[r0 + r] * call.lda,
                 static_cast<size_t>(padded_k) * 2);
   std::memset(a + rows * padded_k, 0, static_cast<size_t>((padded_rows - rows) * padded_k) * 2);
+}
+
+// gate_up for rows [r0, r0 + rows) of the call, already gathered into `a`.
+void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uint16_t* a) {
+  const int64_t padded_k = amx_padded_k(call.K);
+  const int64_t k_blocks = padded_k / kAmxTileK;
+  const size_t panel_elems = static_cast<size_t>(padded_k * kAmxTileN);
   compiler_barrier();
   const auto* w1 = static_cast<const uint16_t*>(call.w1);
   const auto* w3 = static_cast<const uint16_t*>(call.w3);
@@ -328,7 +363,20 @@ void pipeline_gate_up(const MoeGateUpCall& call) {
   if (!use_amx(call.m) || fit == 0) return gate_up_small(call);
   amx_tile_configure();
   auto* a = static_cast<uint16_t*>(call.scratch);
-  for (int64_t r0 = 0; r0 < call.m; r0 += fit) gate_up_rows(call, r0, std::min(fit, call.m - r0), a);
+  if (call.m <= fit) {  // the usual case: the whole segment at once, reusable by the next tile
+    if (!t_gathered.same(call)) {
+      gather_rows(call, 0, call.m, a);
+      t_gathered = GatheredRows{call.a, call.a_rows, call.m, call.lda, call.K, call.scratch};
+    }
+    gate_up_rows(call, 0, call.m, a);
+    return;
+  }
+  t_gathered_invalidate();
+  for (int64_t r0 = 0; r0 < call.m; r0 += fit) {
+    const int64_t rows = std::min(fit, call.m - r0);
+    gather_rows(call, r0, rows, a);
+    gate_up_rows(call, r0, rows, a);
+  }
 }
 
 void pipeline_down(const MoeDownCall& call) {
@@ -383,8 +431,8 @@ const MoeMicrokernel& moe_microkernel_bf16_amx() {
     k.weight_tile = vnni_weight_tile;
     k.gate_up = pipeline_gate_up;
     k.down = pipeline_down;
-    k.thread_begin = amx_tile_configure;
-    k.thread_end = amx_tile_release;
+    k.thread_begin = pipeline_thread_begin;
+    k.thread_end = pipeline_thread_end;
     return k;
   }();
   return uk;

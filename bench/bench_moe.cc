@@ -510,6 +510,8 @@ void BM_OpenblasPerExpert(benchmark::State& state, int64_t M) {
 // ---- registration (run order = memory phases) --------------------------------------------------
 
 int register_all() {
+  // The OpenBLAS kernels in force (OPENBLAS_CORETYPE or its own detection) go in the context.
+  benchmark::AddCustomContext("openblas_core", openblas_get_corename());
   const auto& impls = moekit::fused_moe_impls();
   const auto for_m = [](const std::function<void(int64_t)>& fn) {
     for (int64_t M : kTokenCounts)

@@ -8,6 +8,7 @@
 // Counters: GFLOPs, weight_Bps (expert weight bytes / s), bw_frac (of BM_StreamingRead with the
 // same threads), and on amx rows x_avx512bf16 = avx512bf16 time / amx time: the threshold is the
 // smallest r where it exceeds 1.
+// BM_AmxGemmL2: the AMX GEMM microkernel alone on L2-resident operands, one thread (CPU time).
 // Environment: MOEKIT_BENCH_AMX_EXPERTS (default 32: 4 groups of 8, about 900 MB of weights).
 #include <benchmark/benchmark.h>
 
@@ -23,6 +24,7 @@
 #include "dispatch/runtime.h"
 #include "kernels/moe/moe.h"
 #include "kernels/moe/moe_amx.h"
+#include "kernels/moe/moe_microkernel.h"
 
 namespace {
 
@@ -148,6 +150,30 @@ void BM_AmxSegment(benchmark::State& state, int64_t rows, bool amx) {
     if (it != avx512bf16_seconds().end()) state.counters["x_avx512bf16"] = it->second / per_call;
   }
 }
+
+// The AMX GEMM microkernel alone, operands resident in L2 (A 128 x 3072 bf16 = 768 KiB, weights
+// 128 x 3072 = 768 KiB), one thread: what the tile loop reaches without memory traffic (compare
+// BM_AmxBf16Peak in bench_ceilings).
+void BM_AmxGemmL2(benchmark::State& state) {
+  if (!have_amx()) {
+    state.SkipWithError("skipped: needs amx");
+    return;
+  }
+  constexpr int64_t rows = 128, n = 128, k = kHidden;
+  const auto a = moekit_bench::random_bf16(rows * k, 5);
+  const auto w = moekit_bench::random_bf16(n * k, 6);
+  std::vector<uint16_t> packed(moekit::amx_packed_bytes(n, k) / 2);
+  moekit::vnni_pack_matrix(w.data(), MOEKIT_BF16, n, k, packed.data());
+  std::vector<float> c(static_cast<size_t>(rows * n));
+  moekit::AmxTileScope tiles;
+  for (auto _ : state) {
+    moekit::amx_gemm_bf16(a.data(), k, rows, packed.data(), n, k, c.data(), n);
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(
+      2.0 * rows * n * k * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_AmxGemmL2)->Unit(benchmark::kMicrosecond);
 
 // Registered so that each row count runs avx512bf16 first, then amx (for x_avx512bf16).
 const bool registered = [] {

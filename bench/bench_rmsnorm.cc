@@ -95,8 +95,8 @@ class Sets {
 // Weights in [0.5, 1.5] (out of place) or exactly 1 (in place, so that repeated calls on the
 // same data stay normalized instead of drifting towards subnormals).
 std::vector<unsigned char> make_weight(int64_t width, moekit_dtype d, bool ones) {
-  std::vector<float> f = ones ? std::vector<float>(width, 1.0f)
-                              : moekit_bench::random_floats(width, 7, 0.5f, 1.5f);
+  std::vector<float> f =
+      ones ? std::vector<float>(width, 1.0f) : moekit_bench::random_floats(width, 7, 0.5f, 1.5f);
   std::vector<unsigned char> out(width * elem_size(d));
   for (int64_t i = 0; i < width; ++i) {
     if (d == MOEKIT_BF16) {
@@ -226,8 +226,7 @@ double reference_seconds(const char* op, const moekit::ImplList<Args>& impls, Ma
 
 template <class Args>
 void run_benchmark(benchmark::State& state, const char* op, const moekit::ImplList<Args>* impls,
-                   size_t index, MakeCase<Args> make, int64_t rows, int64_t width,
-                   moekit_dtype d) {
+                   size_t index, MakeCase<Args> make, int64_t rows, int64_t width, moekit_dtype d) {
   const moekit::Impl<Args>& impl = (*impls)[index];
   if (impl.level > moekit_detected_isa()) {
     state.SkipWithError((std::string("skipped: needs ") + moekit_isa_name(impl.level) +
@@ -260,10 +259,10 @@ void register_op(const char* op, const moekit::ImplList<Args>& impls, MakeCase<A
       for (int64_t width : widths)
         for (int64_t rows : kRowCounts) {
           const std::string name = std::string(impls[index].name) + "/" +
-                                   (d == MOEKIT_BF16 ? "bf16" : "f32") + "/M:" +
-                                   std::to_string(rows) + "/N:" + std::to_string(width);
-          benchmark::RegisterBenchmark(name.c_str(), run_benchmark<Args>, op, &impls, index,
-                                       make, rows, width, d)
+                                   (d == MOEKIT_BF16 ? "bf16" : "f32") +
+                                   "/M:" + std::to_string(rows) + "/N:" + std::to_string(width);
+          benchmark::RegisterBenchmark(name.c_str(), run_benchmark<Args>, op, &impls, index, make,
+                                       rows, width, d)
               ->UseRealTime()
               ->Unit(benchmark::kMicrosecond);
         }
@@ -274,8 +273,7 @@ const int registered = [] {
                                    {3072, 6144, 1024});
   register_op<moekit::RmsnormArgs>("fused_add_rmsnorm", moekit::fused_add_rmsnorm_impls(),
                                    fused_case, {3072});
-  register_op<moekit::QkNormArgs>("qk_norm", moekit::qk_norm_impls(), qk_case,
-                                  {kQWidth + kKWidth});
+  register_op<moekit::QkNormArgs>("qk_norm", moekit::qk_norm_impls(), qk_case, {kQWidth + kKWidth});
   return 0;
 }();
 

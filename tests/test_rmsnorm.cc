@@ -142,8 +142,8 @@ Agreement compare(const Matrix& got, const Matrix& want, const std::string& what
       } else if (std::isinf(w) || std::isnan(g)) {
         ok = g == w;
       } else if (got.dtype() == MOEKIT_BF16) {
-        ok = std::abs(ordered_bf16(got.bits_flat(k)) - ordered_bf16(want.bits_flat(k))) <=
-             bf16_ulps;
+        ok =
+            std::abs(ordered_bf16(got.bits_flat(k)) - ordered_bf16(want.bits_flat(k))) <= bf16_ulps;
       } else {
         ok = std::abs(static_cast<double>(g) - w) <= kF32RelTol * std::abs(static_cast<double>(w));
       }
@@ -151,17 +151,17 @@ Agreement compare(const Matrix& got, const Matrix& want, const std::string& what
     if (!ok) {
       ++a.mismatches;
       if (reported++ < 5)
-        ADD_FAILURE() << what << ": row " << r << " col " << i << " got " << g << " (0x"
-                      << std::hex << got.bits_flat(k) << ") want " << w << " (0x"
-                      << want.bits_flat(k) << std::dec << ")";
+        ADD_FAILURE() << what << ": row " << r << " col " << i << " got " << g << " (0x" << std::hex
+                      << got.bits_flat(k) << ") want " << w << " (0x" << want.bits_flat(k)
+                      << std::dec << ")";
     }
   }
   EXPECT_EQ(a.mismatches, 0) << what;
   return a;
 }
 
-std::string describe(const char* op, int64_t rows, int64_t width, std::initializer_list<moekit_dtype> dtypes,
-                     float eps) {
+std::string describe(const char* op, int64_t rows, int64_t width,
+                     std::initializer_list<moekit_dtype> dtypes, float eps) {
   std::ostringstream s;
   s << op << " rows=" << rows << " width=" << width << " dtypes=";
   for (moekit_dtype d : dtypes) s << dtype_name(d) << "/";
@@ -184,8 +184,7 @@ class AgreementTracking : public testing::TestWithParam<int> {
   }
   void TearDown() override {
     if (bf16_.compared < kMinSample) return;
-    const double fraction =
-        static_cast<double>(bf16_.exact) / static_cast<double>(bf16_.compared);
+    const double fraction = static_cast<double>(bf16_.exact) / static_cast<double>(bf16_.compared);
     EXPECT_GE(fraction, kMinExactFraction)
         << bf16_.compared << " bf16 outputs, " << bf16_.exact << " bit-identical";
   }
@@ -214,10 +213,10 @@ class RmsnormTest : public AgreementTracking {
 
   // Runs impl() and the reference on the same inputs and compares; returns the agreement.
   Agreement Check(const RmsCase& c) {
-    const std::string what =
-        std::string(impl().name) + " " + describe("rmsnorm", c.rows, c.width, {c.x, c.y, c.w}, c.eps) +
-        (c.in_place ? " in place" : "") + " pads " + std::to_string(c.x_pad) + "/" +
-        std::to_string(c.y_pad);
+    const std::string what = std::string(impl().name) + " " +
+                             describe("rmsnorm", c.rows, c.width, {c.x, c.y, c.w}, c.eps) +
+                             (c.in_place ? " in place" : "") + " pads " + std::to_string(c.x_pad) +
+                             "/" + std::to_string(c.y_pad);
     const Matrix x(c.x, c.rows, c.width, c.width + c.x_pad, c.x_gen);
     const Matrix w(c.w, 1, c.width, c.width, c.w_gen);
     const moekit_dtype y_dtype = c.in_place ? c.x : c.y;
@@ -387,9 +386,9 @@ TEST_P(RmsnormTest, NanAndInfPropagate) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Impls, RmsnormTest, testing::ValuesIn(moekit_test::impl_indices(moekit::rmsnorm_impls())),
-    (moekit_test::impl_test_name<RmsnormArgs, moekit::rmsnorm_impls>));
+INSTANTIATE_TEST_SUITE_P(Impls, RmsnormTest,
+                         testing::ValuesIn(moekit_test::impl_indices(moekit::rmsnorm_impls())),
+                         (moekit_test::impl_test_name<RmsnormArgs, moekit::rmsnorm_impls>));
 
 // ---- fused_add_rmsnorm --------------------------------------------------------------------
 
@@ -570,8 +569,8 @@ class QkNormTest : public AgreementTracking {
     {
       Matrix q_in = q, k_in = k;
       std::vector<float> q_got(c.tokens, kNaN), k_got(c.tokens, kNaN);
-      QkNormArgs a = Args(Mode::kPartialSumsq, c.tokens, q_in, 0, c.q_width, k_in, 0,
-                          c.k_width, c.eps);
+      QkNormArgs a =
+          Args(Mode::kPartialSumsq, c.tokens, q_in, 0, c.q_width, k_in, 0, c.k_width, c.eps);
       a.q_sumsq = q_got.data();
       a.k_sumsq = k_got.data();
       impl().run(a);
@@ -638,9 +637,9 @@ class QkNormTest : public AgreementTracking {
     const int64_t q_len = q_width / world;
     std::vector<float> q_sum(tokens, 0.0f), k_sum(tokens, 0.0f);
     for (int64_t r = 0; r < world; ++r) {
-      ASSERT_EQ(moekit_qk_norm_kv_weight_slice(kv_heads, head_dim, r, world, &k_begin[r],
-                                               &k_len[r]),
-                MOEKIT_OK);
+      ASSERT_EQ(
+          moekit_qk_norm_kv_weight_slice(kv_heads, head_dim, r, world, &k_begin[r], &k_len[r]),
+          MOEKIT_OK);
       std::vector<float> q_part(tokens, kNaN), k_part(tokens, kNaN);
       QkNormArgs a = Args(Mode::kPartialSumsq, tokens, q_rank[r], r * q_len, q_len, k_rank[r],
                           k_begin[r], k_len[r], eps);
@@ -654,8 +653,8 @@ class QkNormTest : public AgreementTracking {
       }
     }
     for (int64_t r = 0; r < world; ++r) {
-      QkNormArgs a = Args(Mode::kApply, tokens, q_rank[r], r * q_len, q_len, k_rank[r],
-                          k_begin[r], k_len[r], eps);
+      QkNormArgs a = Args(Mode::kApply, tokens, q_rank[r], r * q_len, q_len, k_rank[r], k_begin[r],
+                          k_len[r], eps);
       a.q_sumsq = q_sum.data();
       a.k_sumsq = k_sum.data();
       a.q_global_width = q_width;
@@ -874,16 +873,16 @@ TEST_F(RmsnormCApiErrors, QkNorm) {
   ExpectRefused(moekit_qk_norm_partial_sumsq(&xt, &kt, &bad, &st2), before, "sums length");
   ExpectRefused(moekit_qk_norm_partial_sumsq(&xt, &kt, &st, &st), before, "same sums");
 
-  ExpectRefused(moekit_qk_norm_apply(&xt, &kt, &st, &st2, kWidth - 1, 8, &wt, &kwt, 1e-6f),
-                before, "q global width below local");
+  ExpectRefused(moekit_qk_norm_apply(&xt, &kt, &st, &st2, kWidth - 1, 8, &wt, &kwt, 1e-6f), before,
+                "q global width below local");
   ExpectRefused(moekit_qk_norm_apply(&xt, &kt, &st, &st2, kWidth, 0, &wt, &kwt, 1e-6f), before,
                 "k global width 0");
   ExpectRefused(moekit_qk_norm_apply(&xt, &kt, &st, &st2, kWidth, 8, &kwt, &kwt, 1e-6f), before,
                 "q weight slice width");
   ExpectRefused(moekit_qk_norm_apply(&xt, &kt, &st, &st2, kWidth, 8, &wt, &kwt, -2.0f), before,
                 "negative eps");
-  ExpectRefused(moekit_qk_norm_apply(&xt, &kt, nullptr, &st2, kWidth, 8, &wt, &kwt, 1e-6f),
-                before, "null sums");
+  ExpectRefused(moekit_qk_norm_apply(&xt, &kt, nullptr, &st2, kWidth, 8, &wt, &kwt, 1e-6f), before,
+                "null sums");
 
   int64_t begin = -5, len = -5;
   EXPECT_NE(moekit_qk_norm_kv_weight_slice(8, 128, 4, 4, &begin, &len), MOEKIT_OK);

@@ -6,8 +6,8 @@
 //
 // NOTE: numerics, and why they match the double-precision reference.
 // - Sums of squares: f32 FMAs into four vector accumulators, folded into f64 lanes every
-//   kChunkElements elements, so no f32 partial sum covers more than a few dozen terms; the
-//   final horizontal sum is in f64.
+//   kChunkElements elements, so an f32 partial sum covers at most 8 squares on AVX-512 (128 on
+//   the one-lane target); the rest of the sum, horizontal included, is in f64.
 // - The scale 1/sqrt(sumsq/width + eps) is computed in double and rounded once to f32; each
 //   output is (x * scale) * w in f32 (the reference's order), rounded once to its dtype. bf16
 //   stores round to nearest even with integer ops (Highway 1.0.3's DemoteTo truncates); NaN
@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #ifndef MOEKIT_KERNELS_RMSNORM_RMSNORM_HWY_SHARED_
 #define MOEKIT_KERNELS_RMSNORM_RMSNORM_HWY_SHARED_
@@ -125,12 +124,12 @@ inline void reference_apply_row(void* row, moekit_dtype d, int64_t width, const 
 // else in contiguous blocks on num_threads() OpenMP threads.
 template <class Fn>
 void for_each_row_block(int64_t rows, int64_t elements_per_row, const Fn& fn) {
-  const int64_t threads = std::min<int64_t>(num_threads(), rows);
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), rows));
   if (threads <= 1 || rows * elements_per_row < kParallelMinElements) {
     fn(int64_t{0}, rows);
     return;
   }
-#pragma omp parallel num_threads(static_cast<int>(threads))
+#pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
     const int64_t begin = rows * t / n, end = rows * (t + 1) / n;
@@ -401,8 +400,7 @@ struct QkSide {
         if (shared::trusted_scale(sumsq[t], global_width, eps, &scale))
           scale_row(row, w, row, width, scale);
         else
-          shared::reference_apply_row(row, dtype, width, w, w_dtype, sumsq[t], global_width,
-                                      eps);
+          shared::reference_apply_row(row, dtype, width, w, w_dtype, sumsq[t], global_width, eps);
         break;
     }
   }
@@ -465,7 +463,9 @@ void rmsnorm_scalar_hwy(const RmsnormArgs& a) { MOEKIT_RMSNORM_PORTABLE::Rmsnorm
 
 void fused_add_rmsnorm_avx512_hwy(const RmsnormArgs& a) { N_AVX3::FusedAddRmsnorm(a); }
 void fused_add_rmsnorm_avx2_hwy(const RmsnormArgs& a) { N_AVX2::FusedAddRmsnorm(a); }
-void fused_add_rmsnorm_scalar_hwy(const RmsnormArgs& a) { MOEKIT_RMSNORM_PORTABLE::FusedAddRmsnorm(a); }
+void fused_add_rmsnorm_scalar_hwy(const RmsnormArgs& a) {
+  MOEKIT_RMSNORM_PORTABLE::FusedAddRmsnorm(a);
+}
 
 void qk_norm_avx512_hwy(const QkNormArgs& a) { N_AVX3::QkNorm(a); }
 void qk_norm_avx2_hwy(const QkNormArgs& a) { N_AVX2::QkNorm(a); }

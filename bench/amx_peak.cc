@@ -14,10 +14,12 @@ namespace moekit_bench {
 double amx_bf16_peak_loop(int64_t iterations) {
   constexpr double kFlopsPerTile = 2.0 * 16 * 16 * 32;
   constexpr int kChains = 6;
-  alignas(64) static const uint16_t kOnes[16 * 32] = {};  // zeros: values do not matter
-  moekit::amx_tile_configure();  // palette 1, all tiles 16 rows x 64 bytes
-  _tile_loadd(6, kOnes, 64);
-  _tile_loadd(7, kOnes, 64);
+  // The values do not matter (zeros keep the accumulators finite).
+  alignas(64) static const uint16_t kZeros[16 * 32] = {};
+  // Palette 1, all tiles 16 rows x 64 bytes.
+  moekit::amx_tile_configure();
+  _tile_loadd(6, kZeros, 64);
+  _tile_loadd(7, kZeros, 64);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);

@@ -26,9 +26,9 @@ constexpr int64_t kPeakRounds = 500000;
 
 void BM_AmxBf16Peak(benchmark::State& state) {
   if (!have_amx()) {
-    state.SkipWithError(("skipped: needs amx, this CPU has " +
-                         std::string(moekit_isa_name(moekit_detected_isa())))
-                            .c_str());
+    state.SkipWithError(
+        ("skipped: needs amx, this CPU has " + std::string(moekit_isa_name(moekit_detected_isa())))
+            .c_str());
     return;
   }
   const int threads = static_cast<int>(state.range(0));

@@ -83,9 +83,9 @@ std::map<int64_t, double>& avx512bf16_seconds() {
 void BM_AmxSegment(benchmark::State& state, int64_t rows, bool amx) {
   const auto* impl = amx_entry();
   if (!have_amx() || impl == nullptr) {
-    state.SkipWithError(("skipped: needs amx, this CPU has " +
-                         std::string(moekit_isa_name(moekit_detected_isa())))
-                            .c_str());
+    state.SkipWithError(
+        ("skipped: needs amx, this CPU has " + std::string(moekit_isa_name(moekit_detected_isa())))
+            .c_str());
     return;
   }
   moekit_experts* w = experts();
@@ -141,7 +141,8 @@ void BM_AmxSegment(benchmark::State& state, int64_t rows, bool amx) {
   const double flops = 2.0 * 3 * kHidden * kInter * rows * kTopK;
   state.counters["GFLOPs"] = flops / per_call * 1e-9;
   state.counters["weight_Bps"] = weight_bytes / per_call;
-  state.counters["bw_frac"] = weight_bytes / per_call / moekit_bench::streaming_read_bandwidth(threads);
+  state.counters["bw_frac"] =
+      weight_bytes / per_call / moekit_bench::streaming_read_bandwidth(threads);
   state.counters["threads"] = threads;
   if (!amx) {
     avx512bf16_seconds()[rows] = per_call;
@@ -180,8 +181,8 @@ const bool registered = [] {
   for (int64_t rows : kRows)
     for (bool amx : {false, true})
       benchmark::RegisterBenchmark(
-          (std::string("BM_AmxSegment/") + (amx ? "amx" : "avx512bf16") + "/rows:" +
-           std::to_string(rows))
+          (std::string("BM_AmxSegment/") + (amx ? "amx" : "avx512bf16") +
+           "/rows:" + std::to_string(rows))
               .c_str(),
           [rows, amx](benchmark::State& s) { BM_AmxSegment(s, rows, amx); })
           ->UseRealTime()

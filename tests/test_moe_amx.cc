@@ -23,8 +23,8 @@
 #include <thread>
 #include <vector>
 
-#include "kernels/moe/moe_amx.h"
 #include "dispatch/runtime.h"
+#include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe_microkernel.h"
 #include "reference/numeric.h"
 #include "reference/reference.h"
@@ -39,11 +39,11 @@ using moekit_test::to_bf16;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-#define SKIP_WITHOUT_AMX()                                                                   \
-  do {                                                                                       \
-    if (!moekit_test::cpu_can_run(MOEKIT_ISA_AMX))                                           \
-      GTEST_SKIP() << "AMX kernels need amx, this CPU has "                                  \
-                   << moekit_isa_name(moekit_detected_isa());                                \
+#define SKIP_WITHOUT_AMX()                                    \
+  do {                                                        \
+    if (!moekit_test::cpu_can_run(MOEKIT_ISA_AMX))            \
+      GTEST_SKIP() << "AMX kernels need amx, this CPU has "   \
+                   << moekit_isa_name(moekit_detected_isa()); \
   } while (0)
 
 // Activations as the kernels want them: amx_padded_m(rows) rows of `stride` bf16, values in
@@ -85,7 +85,8 @@ TEST(AmxLayout, PackDecodeRoundTrip) {
       std::vector<float> row(k);
       for (int64_t r = 0; r < n; ++r) {
         moekit::vnni_decode_row(packed.data(), MOEKIT_BF16, k, r, row.data());
-        for (int64_t i = 0; i < k; ++i) ASSERT_EQ(row[i], bf16_to_f32(w[r * k + i])) << n << "x" << k;
+        for (int64_t i = 0; i < k; ++i)
+          ASSERT_EQ(row[i], bf16_to_f32(w[r * k + i])) << n << "x" << k;
       }
       // The documented layout, element by element; everything else is zero padding.
       const int64_t k_blocks = moekit::amx_padded_k(k) / 32;
@@ -111,10 +112,10 @@ struct GemmShape {
 
 void check_gemm(const GemmShape& s, bool integers, uint32_t seed) {
   const int64_t stride = moekit::amx_padded_k(s.k) + 16;  // a row stride that is not 64 B apart
-  const auto a = to_bf16(integers ? random_ints(s.rows * s.k, seed)
-                                  : random_floats(s.rows * s.k, seed));
-  const auto w = to_bf16(integers ? random_ints(s.n * s.k, seed + 1)
-                                  : random_floats(s.n * s.k, seed + 1));
+  const auto a =
+      to_bf16(integers ? random_ints(s.rows * s.k, seed) : random_floats(s.rows * s.k, seed));
+  const auto w =
+      to_bf16(integers ? random_ints(s.n * s.k, seed + 1) : random_floats(s.n * s.k, seed + 1));
   const auto a_padded = padded_rows(a, s.rows, s.k, stride);
   const auto packed = pack(w, s.n, s.k);
   const int64_t c_stride = s.n + 3;
@@ -126,8 +127,8 @@ void check_gemm(const GemmShape& s, bool integers, uint32_t seed) {
                           c_stride);
   }
   const auto want = plain_gemm(a, w, s.rows, s.n, s.k);
-  const std::string where = std::to_string(s.rows) + "x" + std::to_string(s.n) + "x" +
-                            std::to_string(s.k);
+  const std::string where =
+      std::to_string(s.rows) + "x" + std::to_string(s.n) + "x" + std::to_string(s.k);
   for (int64_t m = 0; m < s.rows; ++m) {
     for (int64_t n = 0; n < s.n; ++n) {
       const float got = c[m * c_stride + n];
@@ -204,15 +205,16 @@ TEST(AmxGateUp, SiluEdgeValues) {
   SKIP_WITHOUT_AMX();
   // One hidden value of 1 and w3 = 1, so act = silu(w1 value) exactly as the kernel rounds it.
   const int64_t inter = 16, hidden = 1;
-  const float gates[inter] = {0, 1, -1, 10, -10, 30, -30, 80, -80, 88.5f, -88.5f, 200, -200,
-                              0.5f, -0.5f, 3};
+  const float gates[inter] = {0,   1,     -1,     10,  -10,  30,   -30,   80,
+                              -80, 88.5f, -88.5f, 200, -200, 0.5f, -0.5f, 3};
   std::vector<float> w1f(gates, gates + inter), w3f(inter, 1.0f), xf(1, 1.0f);
   const auto w1p = pack(to_bf16(w1f), inter, hidden), w3p = pack(to_bf16(w3f), inter, hidden);
   const auto x = padded_rows(to_bf16(xf), 1, hidden, 32);
   std::vector<uint16_t> act(16 * 32, 0x7FC0);
   {
     moekit::AmxTileScope tiles;
-    moekit::amx_gate_up_silu(x.data(), 32, 1, w1p.data(), w3p.data(), inter, hidden, act.data(), 32);
+    moekit::amx_gate_up_silu(x.data(), 32, 1, w1p.data(), w3p.data(), inter, hidden, act.data(),
+                             32);
   }
   for (int64_t i = 0; i < inter; ++i) {
     const double g = bf16_to_f32(moekit::f32_to_bf16(gates[i]));
@@ -265,8 +267,8 @@ TEST(AmxDown, WeightedStoreAndAccumulateExact) {
                 ASSERT_TRUE(std::isnan(out[i * ld_out + h])) << "wrote past H";
               else
                 ASSERT_EQ(out[i * ld_out + h], want[i * ld_out + h])
-                    << rows << "x" << hidden << "x" << inter << " acc " << accumulate << " at "
-                    << i << "," << h;
+                    << rows << "x" << hidden << "x" << inter << " acc " << accumulate << " at " << i
+                    << "," << h;
             }
         }
 }
@@ -288,8 +290,8 @@ TEST(AmxGemm, ConcurrentThreadsWithDifferentShapes) {
         std::vector<float> c(static_cast<size_t>(s.rows * s.n), kNaN);
         {
           moekit::AmxTileScope tiles;
-          moekit::amx_gemm_bf16(a_padded.data(), stride, s.rows, packed.data(), s.n, s.k,
-                                c.data(), s.n);
+          moekit::amx_gemm_bf16(a_padded.data(), stride, s.rows, packed.data(), s.n, s.k, c.data(),
+                                s.n);
         }
         const auto want = plain_gemm(a, w, s.rows, s.n, s.k);
         for (size_t i = 0; i < c.size(); ++i)
@@ -398,11 +400,13 @@ std::unique_ptr<MoeProblem> make_problem(int64_t E, int64_t H, int64_t I, int64_
   auto p = std::make_unique<MoeProblem>();
   p->E = E, p->H = H, p->I = I, p->M = M, p->k = k, p->integers = integers;
   const auto values = [&](size_t n, uint32_t s, int lo, int hi, float scale) {
-    std::vector<float> v = integers ? random_ints(n, s, lo, hi) : random_floats(n, s, -scale, scale);
+    std::vector<float> v =
+        integers ? random_ints(n, s, lo, hi) : random_floats(n, s, -scale, scale);
     for (float& f : v) f = bf16_to_f32(moekit::f32_to_bf16(f));
     return v;
   };
-  const float s1 = 2.0f / std::sqrt(static_cast<float>(H)), s2 = 2.0f / std::sqrt(static_cast<float>(I));
+  const float s1 = 2.0f / std::sqrt(static_cast<float>(H)),
+              s2 = 2.0f / std::sqrt(static_cast<float>(I));
   p->w1 = values(E * I * H, seed, 1, 2, s1);
   p->w3 = values(E * I * H, seed + 1, -2, 2, s1);
   p->w2 = values(E * H * I, seed + 2, -2, 2, s2);
@@ -439,8 +443,9 @@ void set_hidden(MoeProblem* p, moekit_dtype dtype) {
   p->hidden_dtype = dtype;
   const auto bf = to_bf16(p->x);
   p->hidden.resize(p->x.size() * (dtype == MOEKIT_BF16 ? 2 : 4));
-  std::memcpy(p->hidden.data(), dtype == MOEKIT_BF16 ? static_cast<const void*>(bf.data())
-                                                     : static_cast<const void*>(p->x.data()),
+  std::memcpy(p->hidden.data(),
+              dtype == MOEKIT_BF16 ? static_cast<const void*>(bf.data())
+                                   : static_cast<const void*>(p->x.data()),
               p->hidden.size());
 }
 
@@ -464,7 +469,7 @@ struct MoeShape {
 // Around the tiles: H and I below, at and above multiples of 32/16, M from decode to more
 // than one 128-row segment per expert.
 const MoeShape kMoeShapes[] = {
-    {4, 32, 16, 1, 2},  {4, 32, 16, 16, 2}, {4, 45, 40, 40, 2},  {3, 70, 64, 33, 3},
+    {4, 32, 16, 1, 2},   {4, 32, 16, 16, 2},  {4, 45, 40, 40, 2},  {3, 70, 64, 33, 3},
     {8, 64, 48, 100, 2}, {2, 96, 33, 150, 1}, {5, 33, 17, 200, 4}, {4, 40, 150, 60, 2},
 };
 
@@ -487,8 +492,8 @@ TEST(FusedMoeAmx, ExactOnSmallIntegersForcedOntoTiles) {
             ASSERT_EQ(got[i], want[i])
                 << "E" << s.E << " H" << s.H << " I" << s.I << " M" << s.M << " k" << s.k
                 << " hidden " << moekit_dtype_name(hd) << " out " << moekit_dtype_name(od)
-                << " min_rows " << moekit::amx_min_rows() << " at [" << i / s.H << ", "
-                << i % s.H << "]";
+                << " min_rows " << moekit::amx_min_rows() << " at [" << i / s.H << ", " << i % s.H
+                << "]";
         }
       }
   }
@@ -498,8 +503,8 @@ TEST(FusedMoeAmx, RandomWithinToleranceOfTheReference) {
   SKIP_WITHOUT_AMX();
   const auto& impl = amx_entry();
   uint32_t seed = 6000;
-  for (const MoeShape& s : {MoeShape{8, 256, 128, 64, 2}, MoeShape{4, 160, 96, 300, 2},
-                            MoeShape{6, 100, 70, 17, 3}}) {
+  for (const MoeShape& s :
+       {MoeShape{8, 256, 128, 64, 2}, MoeShape{4, 160, 96, 300, 2}, MoeShape{6, 100, 70, 17, 3}}) {
     auto p = make_problem(s.E, s.H, s.I, s.M, s.k, false, seed += 10);
     set_hidden(p.get(), MOEKIT_BF16);
     std::vector<float> want(static_cast<size_t>(s.M * s.H));
@@ -591,10 +596,10 @@ std::vector<float> run_public(const MoeProblem& p, std::string* chose) {
   std::vector<float> out(static_cast<size_t>(p.M * p.H), kNaN);
   moekit_tensor hidden = moekit_test::make_tensor(const_cast<unsigned char*>(p.hidden.data()),
                                                   p.hidden_dtype, {p.M, p.H});
-  moekit_tensor weights = moekit_test::make_tensor(const_cast<float*>(p.weights.data()),
-                                                   MOEKIT_F32, {p.M, p.k});
-  moekit_tensor ids = moekit_test::make_tensor(const_cast<int32_t*>(p.ids.data()), MOEKIT_I32,
-                                               {p.M, p.k});
+  moekit_tensor weights =
+      moekit_test::make_tensor(const_cast<float*>(p.weights.data()), MOEKIT_F32, {p.M, p.k});
+  moekit_tensor ids =
+      moekit_test::make_tensor(const_cast<int32_t*>(p.ids.data()), MOEKIT_I32, {p.M, p.k});
   moekit_tensor o = moekit_test::make_tensor(out.data(), MOEKIT_F32, {p.M, p.H});
   EXPECT_EQ(moekit_fused_moe(p.packed.get(), &hidden, &weights, &ids, nullptr, nullptr, &o),
             MOEKIT_OK)
@@ -609,8 +614,8 @@ TEST(AmxLayoutHandle, ServedCorrectlyAtEveryLevel) {
   p->out_dtype = MOEKIT_F32;
   const auto want = p->exact();
   const moekit_isa before = moekit_effective_isa();
-  for (moekit_isa cap : {MOEKIT_ISA_AMX, MOEKIT_ISA_AVX512_BF16, MOEKIT_ISA_AVX512,
-                         MOEKIT_ISA_AVX2, MOEKIT_ISA_SCALAR}) {
+  for (moekit_isa cap : {MOEKIT_ISA_AMX, MOEKIT_ISA_AVX512_BF16, MOEKIT_ISA_AVX512, MOEKIT_ISA_AVX2,
+                         MOEKIT_ISA_SCALAR}) {
     if (cap > moekit_detected_isa()) continue;
     ASSERT_EQ(moekit_set_max_isa(cap), MOEKIT_OK);
     std::string chose;

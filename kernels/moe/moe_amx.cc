@@ -1,9 +1,10 @@
 // The plain-C++ side of the AMX fused-MoE path (no ISA flags, safe to run on any CPU): the row
 // threshold between the AMX and the AVX-512-BF16 microkernels, and the fused_moe table entry.
+#include "kernels/moe/moe_amx.h"
+
 #include <atomic>
 #include <cstdlib>
 
-#include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe_microkernel.h"
 
 namespace moekit {

@@ -28,9 +28,9 @@
 
 namespace moekit {
 
-constexpr int64_t kAmxTileM = 16;  // rows of an A or C tile
-constexpr int64_t kAmxTileK = 32;  // bf16 values per A tile row (64 bytes)
-constexpr int64_t kAmxTileN = 16;  // columns of a B or C tile
+constexpr int64_t kAmxTileM = 16;                         // rows of an A or C tile
+constexpr int64_t kAmxTileK = 32;                         // bf16 values per A tile row (64 bytes)
+constexpr int64_t kAmxTileN = 16;                         // columns of a B or C tile
 constexpr int64_t kAmxTileElems = kAmxTileK * kAmxTileN;  // bf16 values per B tile (1 KiB)
 
 inline int64_t amx_padded_k(int64_t k) { return (k + kAmxTileK - 1) / kAmxTileK * kAmxTileK; }

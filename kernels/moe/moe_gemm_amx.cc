@@ -84,8 +84,8 @@ inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, c
     _tile_stored(3, c + kAmxTileM * kStepCols + kAmxTileN, kCBytes);
 }
 
-void run_step(int row_tiles, int col_tiles, const uint16_t* a, int64_t a_stride,
-              const uint16_t* b0, const uint16_t* b1, int64_t k_blocks, float* c) {
+void run_step(int row_tiles, int col_tiles, const uint16_t* a, int64_t a_stride, const uint16_t* b0,
+              const uint16_t* b1, int64_t k_blocks, float* c) {
   if (row_tiles == 2) {
     if (col_tiles == 2)
       tile_step<2, 2>(a, a_stride, b0, b1, k_blocks, c);
@@ -222,8 +222,7 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
     const int64_t n0 = nb * kAmxTileN;
     for (int64_t m0 = 0; m0 < rows; m0 += kStepRows) {
       const int row_tiles = rows - m0 > kAmxTileM ? 2 : 1;
-      run_step(row_tiles, col_tiles, act + m0 * act_stride, act_stride, b0, b1, k_blocks,
-               scratch);
+      run_step(row_tiles, col_tiles, act + m0 * act_stride, act_stride, b0, b1, k_blocks, scratch);
       const int64_t step_rows = rows - m0 < kStepRows ? rows - m0 : kStepRows;
       for (int64_t r = 0; r < step_rows; ++r) {
         float* out = dst[m0 + r];
@@ -247,10 +246,10 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
 // NOTE: the pipeline (moe_pipeline.cc) hands gate_up the rows of one expert segment as indices
 // into the converted activations (pad_a: bf16, rows zero-padded to vnni_padded_k(H)); tileloadd
 // needs rows at a fixed stride, so they are first copied into the thread's scratch (amx_padded_m
-// rows, the padding rows zeroed), and kept there for the next column tile of the same segment. Segments of fewer than amx_min_rows() rows go to the
-// AVX-512-BF16 microkernel instead: a tile pass costs the same for 1 row as for 16, and the
-// VNNI panels it reads are the same bytes. Its tiles are narrower than ours, so such calls are
-// split into column pieces of its width.
+// rows, the padding rows zeroed), and kept there for the next column tile of the same segment.
+// Segments of fewer than amx_min_rows() rows go to the AVX-512-BF16 microkernel instead: a tile
+// pass costs the same for 1 row as for 16, and the VNNI panels it reads are the same bytes. Its
+// tiles are narrower than ours, so such calls are split into column pieces of its width.
 namespace {
 
 constexpr int64_t kAmxGateUpN = 64;  // 4 column tiles of w1 and of w3 per gate_up item

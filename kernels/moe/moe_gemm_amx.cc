@@ -55,6 +55,12 @@ thread_local bool t_tiles_configured = false;
 // sure earlier stores to the buffers it loads have been emitted.
 inline void compiler_barrier() { asm volatile("" ::: "memory"); }
 
+constexpr int64_t kPrefetchBlocks = 2;  // K blocks ahead
+
+inline void prefetch_l1(const uint16_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 // One output step: c (row stride kStepCols floats) = A[rows of kRowTiles tiles] x B tiles.
 // a: first row of the step; b0/b1: the first tile of each weight column block.
 template <int kRowTiles, int kColTiles>
@@ -67,6 +73,17 @@ inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, c
   if constexpr (kRowTiles == 2) _tile_zero(2);
   if constexpr (kRowTiles == 2 && kColTiles == 2) _tile_zero(3);
   for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    // The eight tiles leave no room to load the next K block early, so its lines are prefetched
+    // into L1 instead (bench_moe_amx BM_AmxGemmL2: ~+15% on L2-resident operands).
+    if (kb + kPrefetchBlocks < k_blocks) {
+      const int64_t pk = kb + kPrefetchBlocks;
+      for (int r = 0; r < kAmxTileM; ++r) {
+        prefetch_l1(a + r * a_stride + pk * kAmxTileK);
+        if constexpr (kRowTiles == 2) prefetch_l1(a1 + r * a_stride + pk * kAmxTileK);
+        prefetch_l1(b0 + pk * kAmxTileElems + r * kTileRowBytes / 2);
+        if constexpr (kColTiles == 2) prefetch_l1(b1 + pk * kAmxTileElems + r * kTileRowBytes / 2);
+      }
+    }
     _tile_loadd(4, a + kb * kAmxTileK, a_bytes);
     _tile_loadd(6, b0 + kb * kAmxTileElems, kTileRowBytes);
     if constexpr (kColTiles == 2) _tile_loadd(7, b1 + kb * kAmxTileElems, kTileRowBytes);

@@ -227,7 +227,7 @@ void write_random_safetensors(const std::string& path, const std::vector<TensorS
 }
 
 // A one-layer full-size checkpoint folder (vocab cut to 1024: the lm_head is measured apart).
-std::string write_full_layer_checkpoint(bool fp8) {
+std::string write_full_layer_checkpoint(bool fp8, int64_t experts) {
   const fs::path dir = fs::temp_directory_path() /
                        ("moekit_bench_m2_layer_" + std::string(fp8 ? "fp8_" : "bf16_") +
                         std::to_string(getpid()));
@@ -236,7 +236,7 @@ std::string write_full_layer_checkpoint(bool fp8) {
   nlohmann::json cfg = {
       {"model_type", "minimax_m2"}, {"hidden_size", kHidden}, {"intermediate_size", kInter},
       {"num_hidden_layers", 1}, {"num_attention_heads", kHeads}, {"num_key_value_heads", kKvHeads},
-      {"head_dim", kHeadDim}, {"num_local_experts", kExperts}, {"num_experts_per_tok", kTopK},
+      {"head_dim", kHeadDim}, {"num_local_experts", experts}, {"num_experts_per_tok", kTopK},
       {"rotary_dim", kRotaryDim}, {"rope_theta", 5000000}, {"rms_norm_eps", 1e-6},
       {"scoring_func", "sigmoid"}, {"use_routing_bias", true}, {"use_qk_norm", true},
       {"qk_norm_type", "per_layer"}, {"vocab_size", kSmallVocab}, {"tie_word_embeddings", false}};
@@ -266,9 +266,9 @@ std::string write_full_layer_checkpoint(bool fp8) {
   matrix(p + "self_attn.k_proj.weight", kKvHeads * kHeadDim, kHidden, 0.03f);
   matrix(p + "self_attn.v_proj.weight", kKvHeads * kHeadDim, kHidden, 0.03f);
   matrix(p + "self_attn.o_proj.weight", kHidden, kHeads * kHeadDim, 0.02f);
-  specs.push_back({p + "block_sparse_moe.gate.weight", "F32", {kExperts, kHidden}, 0.03f});
-  specs.push_back({p + "block_sparse_moe.e_score_correction_bias", "F32", {kExperts}, 0.05f});
-  for (int64_t e = 0; e < kExperts; ++e) {
+  specs.push_back({p + "block_sparse_moe.gate.weight", "F32", {experts, kHidden}, 0.03f});
+  specs.push_back({p + "block_sparse_moe.e_score_correction_bias", "F32", {experts}, 0.05f});
+  for (int64_t e = 0; e < experts; ++e) {
     const std::string x = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
     matrix(x + "w1.weight", kInter, kHidden, 0.03f);
     matrix(x + "w2.weight", kHidden, kInter, 0.03f);
@@ -292,17 +292,19 @@ void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 struct FullLayer {
   std::unique_ptr<Model> model;
   bool fp8 = false;
+  int64_t experts = 0;
   double write_seconds = 0;
   size_t load_peak_rss = 0;
 };
 
-FullLayer& full_layer(bool fp8) {
+FullLayer& full_layer(bool fp8, int64_t experts) {
   static FullLayer layer;
-  if (layer.model && layer.fp8 == fp8) return layer;
+  if (layer.model && layer.fp8 == fp8 && layer.experts == experts) return layer;
   layer.model.reset();  // one full-size layer in memory at a time
   layer.fp8 = fp8;
+  layer.experts = experts;
   const auto t0 = std::chrono::steady_clock::now();
-  const std::string dir = write_full_layer_checkpoint(fp8);
+  const std::string dir = write_full_layer_checkpoint(fp8, experts);
   layer.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   reset_peak_rss();
   const size_t before = vm_hwm_bytes();
@@ -330,12 +332,14 @@ double lm_head_seconds(int threads) {
   return cache[threads] = best;
 }
 
-// Args: fp8 (0/1), threads.
+// Args: fp8 (0/1), threads, experts in the layer (256 is the real model; fewer keep a bf16
+// layer within a small machine's memory: a decode step reads only the top-8 anyway).
 void BM_FullLayerDecode(benchmark::State& state) {
   const bool fp8 = state.range(0) != 0;
   const int threads = static_cast<int>(state.range(1));
+  const int64_t experts = state.range(2);
   set_threads(threads);
-  FullLayer& layer = full_layer(fp8);
+  FullLayer& layer = full_layer(fp8, experts);
   Model& model = *layer.model;
   const int64_t V = model.config().vocab_size;
   std::vector<int32_t> prompt(kContext);
@@ -361,7 +365,7 @@ void BM_FullLayerDecode(benchmark::State& state) {
   const double dense = static_cast<double>((kHeads * kHeadDim + 2 * kKvHeads * kHeadDim) * kHidden +
                                            kHidden * kHeads * kHeadDim) * 4.0;
   const double router = static_cast<double>(kExperts * kHidden) * 4.0;
-  const double expert = static_cast<double>(model.load_stats().packed_expert_bytes) / kExperts;
+  const double expert = static_cast<double>(model.load_stats().packed_expert_bytes) / experts;
   const double kv = 2.0 * kContext * kKvHeads * kHeadDim * 4.0;
   const double layer_bytes = dense + router + kTopK * expert + kv;
   const double lm_bytes = static_cast<double>(kVocab * kHidden) * 4.0;
@@ -383,7 +387,7 @@ void BM_FullLayerDecode(benchmark::State& state) {
                  " layout=" + model.load_stats().expert_layout);
 }
 BENCHMARK(BM_FullLayerDecode)
-    ->Args({0, 1})->Args({0, 2})->Args({1, 1})->Args({1, 2})
+    ->Args({1, 1, 256})->Args({1, 2, 256})->Args({0, 1, 64})->Args({0, 2, 64})
     ->Iterations(5)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -82,7 +82,8 @@ struct RouteBuffers {
                   is = c.strided ? c.k + 1 : c.k;
     logits_f32 = make_logits(c.M, ls, c.input, c.seed);
     if (c.bf16) logits_bf16 = moekit_test::to_bf16(logits_f32);
-    if (c.bias) bias = moekit_test::random_floats(static_cast<size_t>(c.E), c.seed + 7, -0.5f, 0.5f);
+    if (c.bias)
+      bias = moekit_test::random_floats(static_cast<size_t>(c.E), c.seed + 7, -0.5f, 0.5f);
     weights.assign(static_cast<size_t>(c.M * ws), kSentinelWeight);
     ids32.assign(static_cast<size_t>(c.M * is), static_cast<int32_t>(kSentinelId));
     ids64.assign(static_cast<size_t>(c.M * is), kSentinelId);
@@ -105,7 +106,8 @@ struct RouteBuffers {
     args.ids_dtype = c.ids64 ? MOEKIT_I64 : MOEKIT_I32;
   }
   int64_t id(int64_t m, int j) const {
-    return args.ids_dtype == MOEKIT_I64 ? ids64[m * args.ids_stride + j] : ids32[m * args.ids_stride + j];
+    return args.ids_dtype == MOEKIT_I64 ? ids64[m * args.ids_stride + j]
+                                        : ids32[m * args.ids_stride + j];
   }
   float weight(int64_t m, int j) const { return weights[m * args.weights_stride + j]; }
 };
@@ -116,7 +118,8 @@ bool weight_close(float got, float want) {
 }
 
 // Compares two routings of the same problem, including the untouched stride gaps.
-void expect_same_routing(const RouteBuffers& got, const RouteBuffers& want, const std::string& what) {
+void expect_same_routing(const RouteBuffers& got, const RouteBuffers& want,
+                         const std::string& what) {
   const TopkArgs& a = want.args;
   int reported = 0;
   for (int64_t m = 0; m < a.M && reported < 5; ++m) {
@@ -318,8 +321,10 @@ TEST_P(TopkRoute, TiesZerosAndNaN) {
     a.ids = ids.data();
     a.ids_stride = 4;
     impl().run(a);
-    EXPECT_EQ(std::vector<int32_t>(ids.begin(), ids.begin() + 4), (std::vector<int32_t>{5, 12, 30, 0}));
-    EXPECT_EQ(std::vector<int32_t>(ids.begin() + 4, ids.begin() + 8), (std::vector<int32_t>{4, 9, 0, 1}));
+    EXPECT_EQ(std::vector<int32_t>(ids.begin(), ids.begin() + 4),
+              (std::vector<int32_t>{5, 12, 30, 0}));
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + 4, ids.begin() + 8),
+              (std::vector<int32_t>{4, 9, 0, 1}));
     EXPECT_TRUE(std::isnan(weights[6]) && std::isnan(weights[7]));
     EXPECT_EQ(std::vector<int32_t>(ids.begin() + 8, ids.end()), (std::vector<int32_t>{0, 1, 2, 3}));
     for (int j = 8; j < 12; ++j) EXPECT_TRUE(std::isnan(weights[j])) << j;
@@ -344,14 +349,17 @@ TEST_P(TopkRoute, RefusesWithReason) {
   a.num_expert_group = 8;
   a.topk_group = 4;
   EXPECT_EQ(impl().supports(a), nullptr);
-  const moekit::Impl<TopkArgs>& chosen = moekit::choose("topk_route", moekit::topk_route_impls(), a, MOEKIT_ISA_AMX);
+  const moekit::Impl<TopkArgs>& chosen =
+      moekit::choose("topk_route", moekit::topk_route_impls(), a, MOEKIT_ISA_AMX);
   EXPECT_NE(std::string(chosen.name).rfind("ref", 0), 0u) << "a fast path should take E=256, k=8";
   a.k = 33;
-  EXPECT_EQ(std::string(moekit::choose("topk_route", moekit::topk_route_impls(), a, MOEKIT_ISA_AMX).name),
-            "ref_topk_route");
+  EXPECT_EQ(
+      std::string(moekit::choose("topk_route", moekit::topk_route_impls(), a, MOEKIT_ISA_AMX).name),
+      "ref_topk_route");
 }
 
-INSTANTIATE_TEST_SUITE_P(Impls, TopkRoute, testing::ValuesIn(moekit_test::impl_indices(moekit::topk_route_impls())),
+INSTANTIATE_TEST_SUITE_P(Impls, TopkRoute,
+                         testing::ValuesIn(moekit_test::impl_indices(moekit::topk_route_impls())),
                          (moekit_test::impl_test_name<TopkArgs, moekit::topk_route_impls>));
 
 // ---- router_topk ------------------------------------------------------------------------------
@@ -364,7 +372,8 @@ struct RouterCase {
   std::string str() const {
     return "M=" + std::to_string(M) + " E=" + std::to_string(E) + " H=" + std::to_string(H) +
            " k=" + std::to_string(k) + (bf16 ? " bf16" : " f32") + (strided ? " strided" : "") +
-           (ints ? " ints" : " floats") + (logits_out ? " logits_out" : "") + (grouped ? " grouped" : "");
+           (ints ? " ints" : " floats") + (logits_out ? " logits_out" : "") +
+           (grouped ? " grouped" : "");
   }
 };
 
@@ -423,7 +432,9 @@ struct RouterBuffers {
 
 class RouterTopk : public testing::TestWithParam<int> {
  protected:
-  const moekit::Impl<RouterTopkArgs>& impl() const { return moekit::router_topk_impls()[GetParam()]; }
+  const moekit::Impl<RouterTopkArgs>& impl() const {
+    return moekit::router_topk_impls()[GetParam()];
+  }
 
   void check(const RouterCase& c) {
     RouterBuffers got(c), want(c);
@@ -440,11 +451,14 @@ class RouterTopk : public testing::TestWithParam<int> {
         for (int64_t e = 0; e < E; ++e) {
           double magnitude = 0.0;
           for (int64_t h = 0; h < H; ++h)
-            magnitude += std::fabs(static_cast<double>(got.hidden_f32[m * got.args.hidden_stride + h]) *
-                                   got.gate[e * got.args.gate_stride + h]);
-          const double tol = c.ints ? 0.0 : (std::min<int64_t>(H, 1024) + 64) * std::ldexp(1.0, -24) * magnitude;
+            magnitude +=
+                std::fabs(static_cast<double>(got.hidden_f32[m * got.args.hidden_stride + h]) *
+                          got.gate[e * got.args.gate_stride + h]);
+          const double tol =
+              c.ints ? 0.0 : (std::min<int64_t>(H, 1024) + 64) * std::ldexp(1.0, -24) * magnitude;
           const float g = got.logits[m * (E + 1) + e], w = want.logits[m * (E + 1) + e];
-          ASSERT_LE(std::fabs(static_cast<double>(g) - w), tol) << what << " logit " << m << "," << e;
+          ASSERT_LE(std::fabs(static_cast<double>(g) - w), tol)
+              << what << " logit " << m << "," << e;
         }
         ASSERT_TRUE(std::isnan(got.logits[m * (E + 1) + E])) << what << ": logits_out gap written";
       }
@@ -470,7 +484,8 @@ class RouterTopk : public testing::TestWithParam<int> {
     }
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < c.k; ++j) {
-        ASSERT_EQ(got.ids[m * c.k + j], want_ids[m * c.k + j]) << what << " row " << m << " slot " << j;
+        ASSERT_EQ(got.ids[m * c.k + j], want_ids[m * c.k + j])
+            << what << " row " << m << " slot " << j;
         ASSERT_TRUE(weight_close(got.weights[m * c.k + j], want_weights[m * c.k + j]))
             << what << " row " << m << " slot " << j << ": " << got.weights[m * c.k + j] << " vs "
             << want_weights[m * c.k + j];
@@ -543,7 +558,8 @@ TEST_P(RouterTopk, MiniMaxShape) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Impls, RouterTopk, testing::ValuesIn(moekit_test::impl_indices(moekit::router_topk_impls())),
+INSTANTIATE_TEST_SUITE_P(Impls, RouterTopk,
+                         testing::ValuesIn(moekit_test::impl_indices(moekit::router_topk_impls())),
                          (moekit_test::impl_test_name<RouterTopkArgs, moekit::router_topk_impls>));
 
 // ---- C API ------------------------------------------------------------------------------------
@@ -577,7 +593,9 @@ struct ApiCall {
     return p;
   }();
 
-  moekit_status route() { return moekit_topk_route(&t_logits, &t_bias, &params, &t_weights, &t_ids); }
+  moekit_status route() {
+    return moekit_topk_route(&t_logits, &t_bias, &params, &t_weights, &t_ids);
+  }
   moekit_status router(bool with_logits = true) {
     return moekit_router_topk(&t_hidden, &t_gate, &t_bias, &params, &t_weights, &t_ids,
                               with_logits ? &t_logits_out : nullptr);
@@ -602,54 +620,177 @@ void expect_rejected(moekit_status s, const ApiCall& call, const std::string& ar
 }
 
 TEST(TopkApi, RouteRejectsBadArguments) {
-  { ApiCall c; c.params.top_k = 0; expect_rejected(c.route(), c, "params.top_k"); }
+  {
+    ApiCall c;
+    c.params.top_k = 0;
+    expect_rejected(c.route(), c, "params.top_k");
+  }
   {
     ApiCall c;
     c.params.top_k = kE + 1;
     c.t_weights.shape[1] = c.t_ids.shape[1] = kE + 1;
     expect_rejected(c.route(), c, "params.top_k");
   }
-  { ApiCall c; c.params.num_expert_group = 5; c.params.topk_group = 1; expect_rejected(c.route(), c, "params.num_expert_group"); }
-  { ApiCall c; c.params.num_expert_group = 4; c.params.topk_group = 5; expect_rejected(c.route(), c, "params.topk_group"); }
-  { ApiCall c; c.params.routed_scaling_factor = NAN; expect_rejected(c.route(), c, "params.routed_scaling_factor"); }
+  {
+    ApiCall c;
+    c.params.num_expert_group = 5;
+    c.params.topk_group = 1;
+    expect_rejected(c.route(), c, "params.num_expert_group");
+  }
+  {
+    ApiCall c;
+    c.params.num_expert_group = 4;
+    c.params.topk_group = 5;
+    expect_rejected(c.route(), c, "params.topk_group");
+  }
+  {
+    ApiCall c;
+    c.params.routed_scaling_factor = NAN;
+    expect_rejected(c.route(), c, "params.routed_scaling_factor");
+  }
   // (An out-of-range scoring value is not tested from C++: loading it is undefined behaviour
   // here, which the sanitizer build rejects; the entry point does check it for C callers.)
-  { ApiCall c; expect_rejected(moekit_topk_route(nullptr, &c.t_bias, &c.params, &c.t_weights, &c.t_ids), c, "logits"); }
-  { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, nullptr, &c.t_weights, &c.t_ids), c, "params"); }
-  { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, nullptr, &c.t_ids), c, "weights"); }
-  { ApiCall c; expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, &c.t_weights, nullptr), c, "ids"); }
-  { ApiCall c; c.t_logits.data = nullptr; expect_rejected(c.route(), c, "logits"); }
-  { ApiCall c; c.t_logits.dtype = MOEKIT_I32; expect_rejected(c.route(), c, "logits"); }
-  { ApiCall c; c.t_weights.dtype = MOEKIT_BF16; expect_rejected(c.route(), c, "weights"); }
-  { ApiCall c; c.t_ids.dtype = MOEKIT_F32; expect_rejected(c.route(), c, "ids"); }
-  { ApiCall c; c.t_ids.shape[0] = kM - 1; expect_rejected(c.route(), c, "ids"); }
-  { ApiCall c; c.t_weights.shape[1] = kK + 1; expect_rejected(c.route(), c, "weights"); }
-  { ApiCall c; c.t_bias.shape[0] = kE + 1; expect_rejected(c.route(), c, "bias"); }
-  { ApiCall c; c.t_bias.dtype = MOEKIT_BF16; expect_rejected(c.route(), c, "bias"); }
-  { ApiCall c; c.t_bias = make_tensor(c.bias.data(), MOEKIT_F32, {1, kE}); expect_rejected(c.route(), c, "bias"); }
+  {
+    ApiCall c;
+    expect_rejected(moekit_topk_route(nullptr, &c.t_bias, &c.params, &c.t_weights, &c.t_ids), c,
+                    "logits");
+  }
+  {
+    ApiCall c;
+    expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, nullptr, &c.t_weights, &c.t_ids), c,
+                    "params");
+  }
+  {
+    ApiCall c;
+    expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, nullptr, &c.t_ids), c,
+                    "weights");
+  }
+  {
+    ApiCall c;
+    expect_rejected(moekit_topk_route(&c.t_logits, &c.t_bias, &c.params, &c.t_weights, nullptr), c,
+                    "ids");
+  }
+  {
+    ApiCall c;
+    c.t_logits.data = nullptr;
+    expect_rejected(c.route(), c, "logits");
+  }
+  {
+    ApiCall c;
+    c.t_logits.dtype = MOEKIT_I32;
+    expect_rejected(c.route(), c, "logits");
+  }
+  {
+    ApiCall c;
+    c.t_weights.dtype = MOEKIT_BF16;
+    expect_rejected(c.route(), c, "weights");
+  }
+  {
+    ApiCall c;
+    c.t_ids.dtype = MOEKIT_F32;
+    expect_rejected(c.route(), c, "ids");
+  }
+  {
+    ApiCall c;
+    c.t_ids.shape[0] = kM - 1;
+    expect_rejected(c.route(), c, "ids");
+  }
+  {
+    ApiCall c;
+    c.t_weights.shape[1] = kK + 1;
+    expect_rejected(c.route(), c, "weights");
+  }
+  {
+    ApiCall c;
+    c.t_bias.shape[0] = kE + 1;
+    expect_rejected(c.route(), c, "bias");
+  }
+  {
+    ApiCall c;
+    c.t_bias.dtype = MOEKIT_BF16;
+    expect_rejected(c.route(), c, "bias");
+  }
+  {
+    ApiCall c;
+    c.t_bias = make_tensor(c.bias.data(), MOEKIT_F32, {1, kE});
+    expect_rejected(c.route(), c, "bias");
+  }
 }
 
 TEST(TopkApi, RouterRejectsBadArguments) {
-  { ApiCall c; c.params.top_k = 0; expect_rejected(c.router(), c, "params.top_k"); }
-  { ApiCall c; c.params.top_k = kE + 1; expect_rejected(c.router(), c, "params.top_k"); }
-  { ApiCall c; c.params.num_expert_group = 5; c.params.topk_group = 1; expect_rejected(c.router(), c, "params.num_expert_group"); }
-  { ApiCall c; c.t_hidden.dtype = MOEKIT_I64; expect_rejected(c.router(), c, "hidden"); }
-  { ApiCall c; c.t_gate.dtype = MOEKIT_BF16; expect_rejected(c.router(), c, "gate_weight"); }
-  { ApiCall c; c.t_gate.shape[1] = kH - 1; expect_rejected(c.router(), c, "gate_weight"); }
-  { ApiCall c; expect_rejected(moekit_router_topk(&c.t_hidden, nullptr, &c.t_bias, &c.params, &c.t_weights, &c.t_ids, nullptr), c, "gate_weight"); }
-  { ApiCall c; expect_rejected(moekit_router_topk(nullptr, &c.t_gate, &c.t_bias, &c.params, &c.t_weights, &c.t_ids, nullptr), c, "hidden"); }
-  { ApiCall c; c.t_logits_out.shape[1] = kE + 1; expect_rejected(c.router(), c, "logits_out"); }
-  { ApiCall c; c.t_logits_out.dtype = MOEKIT_BF16; expect_rejected(c.router(), c, "logits_out"); }
-  { ApiCall c; c.t_bias.shape[0] = kE - 1; expect_rejected(c.router(), c, "bias"); }
-  { ApiCall c; c.t_ids.dtype = MOEKIT_BF16; expect_rejected(c.router(), c, "ids"); }
+  {
+    ApiCall c;
+    c.params.top_k = 0;
+    expect_rejected(c.router(), c, "params.top_k");
+  }
+  {
+    ApiCall c;
+    c.params.top_k = kE + 1;
+    expect_rejected(c.router(), c, "params.top_k");
+  }
+  {
+    ApiCall c;
+    c.params.num_expert_group = 5;
+    c.params.topk_group = 1;
+    expect_rejected(c.router(), c, "params.num_expert_group");
+  }
+  {
+    ApiCall c;
+    c.t_hidden.dtype = MOEKIT_I64;
+    expect_rejected(c.router(), c, "hidden");
+  }
+  {
+    ApiCall c;
+    c.t_gate.dtype = MOEKIT_BF16;
+    expect_rejected(c.router(), c, "gate_weight");
+  }
+  {
+    ApiCall c;
+    c.t_gate.shape[1] = kH - 1;
+    expect_rejected(c.router(), c, "gate_weight");
+  }
+  {
+    ApiCall c;
+    expect_rejected(moekit_router_topk(&c.t_hidden, nullptr, &c.t_bias, &c.params, &c.t_weights,
+                                       &c.t_ids, nullptr),
+                    c, "gate_weight");
+  }
+  {
+    ApiCall c;
+    expect_rejected(moekit_router_topk(nullptr, &c.t_gate, &c.t_bias, &c.params, &c.t_weights,
+                                       &c.t_ids, nullptr),
+                    c, "hidden");
+  }
+  {
+    ApiCall c;
+    c.t_logits_out.shape[1] = kE + 1;
+    expect_rejected(c.router(), c, "logits_out");
+  }
+  {
+    ApiCall c;
+    c.t_logits_out.dtype = MOEKIT_BF16;
+    expect_rejected(c.router(), c, "logits_out");
+  }
+  {
+    ApiCall c;
+    c.t_bias.shape[0] = kE - 1;
+    expect_rejected(c.router(), c, "bias");
+  }
+  {
+    ApiCall c;
+    c.t_ids.dtype = MOEKIT_BF16;
+    expect_rejected(c.router(), c, "ids");
+  }
 }
 
 // The public entry points pick a fast path on this CPU and agree with the reference.
 TEST(TopkApi, ValidCallsRouteLikeTheReference) {
   ApiCall c;
   ASSERT_EQ(c.route(), MOEKIT_OK) << moekit_last_error();
-  if (moekit_detected_isa() >= MOEKIT_ISA_AVX2)
-    EXPECT_EQ(std::string(moekit_last_impl("topk_route")).rfind("topk_route_", 0), 0u) << moekit_last_impl("topk_route");
+  if (moekit_detected_isa() >= MOEKIT_ISA_AVX2) {
+    EXPECT_EQ(std::string(moekit_last_impl("topk_route")).rfind("topk_route_", 0), 0u)
+        << moekit_last_impl("topk_route");
+  }
   std::vector<float> ref_weights(kM * kK);
   std::vector<int32_t> ref_ids(kM * kK);
   TopkArgs a;
@@ -667,7 +808,8 @@ TEST(TopkApi, ValidCallsRouteLikeTheReference) {
   a.ids_stride = kK;
   moekit::ref_topk_route(a);
   EXPECT_EQ(c.ids, ref_ids);
-  for (size_t i = 0; i < ref_weights.size(); ++i) EXPECT_TRUE(weight_close(c.weights[i], ref_weights[i]));
+  for (size_t i = 0; i < ref_weights.size(); ++i)
+    EXPECT_TRUE(weight_close(c.weights[i], ref_weights[i]));
 
   ApiCall r;
   ASSERT_EQ(r.router(), MOEKIT_OK) << moekit_last_error();

@@ -48,7 +48,8 @@ struct Ops {
     if (bf16) {
       const uint16_t* p = static_cast<const uint16_t*>(row);
       for (; e + 8 <= n; e += 8) {
-        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e)));
+        const __m256i w =
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e)));
         _mm256_storeu_ps(out + e, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
       }
       for (; e < n; ++e) {
@@ -158,8 +159,9 @@ struct Ops {
       float* ci = c + i * ldc;
       int j = 0;
       for (; j + 4 <= NR; j += 4)
-        _mm_storeu_ps(ci + j, _mm_add_ps(_mm_loadu_ps(ci + j),
-                                         hsum4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3])));
+        _mm_storeu_ps(ci + j,
+                      _mm_add_ps(_mm_loadu_ps(ci + j),
+                                 hsum4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3])));
       for (; j < NR; ++j) ci[j] += hsum(acc[i][j]);
     }
   }

@@ -31,8 +31,9 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 abcd = _mm512_add_ps(
       _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  const __m256 half =
+      _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
@@ -162,8 +163,9 @@ struct Ops {
       float* ci = c + i * ldc;
       int j = 0;
       for (; j + 4 <= NR; j += 4)
-        _mm_storeu_ps(ci + j, _mm_add_ps(_mm_loadu_ps(ci + j),
-                                         hsum4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3])));
+        _mm_storeu_ps(ci + j,
+                      _mm_add_ps(_mm_loadu_ps(ci + j),
+                                 hsum4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3])));
       for (; j < NR; ++j) ci[j] += _mm512_reduce_add_ps(acc[i][j]);
     }
   }
@@ -239,7 +241,8 @@ void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel) {
         v[i] = rows[i] ? Ops::load16(rows[i], bf16, h0, m) : _mm512_setzero_ps();
       transpose16(v);
       const int64_t hn = std::min<int64_t>(16, H - h0);
-      for (int64_t j = 0; j < hn; ++j) _mm512_store_ps(panel + (h0 + j) * kPanelTokens + first, v[j]);
+      for (int64_t j = 0; j < hn; ++j)
+        _mm512_store_ps(panel + (h0 + j) * kPanelTokens + first, v[j]);
     }
   }
 }

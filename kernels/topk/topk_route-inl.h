@@ -1,6 +1,7 @@
 // Top-k routing and the fused router GEMM, written once over a per-ISA `Ops` struct.
 //
-// Include this file inside a namespace of its own in each ISA translation unit (moekit::topk_avx512,
+// Include this file inside a namespace of its own in each ISA translation unit
+// (moekit::topk_avx512,
 // ...), after <algorithm>, <cmath>, <cstdint>, <cstring>, <new> and "kernels/topk/topk_kernels.h",
 // and after defining `struct Ops` (see topk_scalar.cc for the required members). A distinct
 // namespace per ISA keeps the inline functions compiled with one ISA's flags from being merged
@@ -49,9 +50,7 @@ inline uint64_t composite(uint32_t key, uint32_t index) {
   return (static_cast<uint64_t>(key) << 32) | (0xFFFFFFFFu - index);
 }
 
-inline uint32_t composite_index(uint64_t c) {
-  return 0xFFFFFFFFu - static_cast<uint32_t>(c);
-}
+inline uint32_t composite_index(uint64_t c) { return 0xFFFFFFFFu - static_cast<uint32_t>(c); }
 
 // The k best composites seen so far, best first. Composite 0 (key 0, index 2^32-1) is an empty
 // slot and ranks below every real expert, NaN ones included.
@@ -315,7 +314,8 @@ inline void router_rows(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
       const int64_t hc = std::min<int64_t>(Ops::kChunkH, H - h0);
       for (int64_t i = 0; i < nb; ++i) {
         if (bf16) {
-          const uint16_t* src = static_cast<const uint16_t*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
+          const uint16_t* src =
+              static_cast<const uint16_t*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
           Ops::load_row(src, true, hc, converted + i * Ops::kChunkH);
           a_rows[i] = converted + i * Ops::kChunkH;
         } else {
@@ -352,9 +352,8 @@ inline void router_topk_run(const RouterTopkArgs& r) {
   // Split in units the ISA's best kernel can fill when there are enough tokens for them.
   const int64_t unit = M >= Ops::kSplitTokens * max_threads ? Ops::kSplitTokens : Ops::kTileM;
   const int64_t units = (M + unit - 1) / unit;
-  const int threads = M >= kRouterParallelMinTokens
-                          ? static_cast<int>(std::min<int64_t>(max_threads, units))
-                          : 1;
+  const int threads =
+      M >= kRouterParallelMinTokens ? static_cast<int>(std::min<int64_t>(max_threads, units)) : 1;
   if (threads <= 1) {
     router_rows(r, 0, M);
     return;

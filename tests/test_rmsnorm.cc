@@ -386,6 +386,34 @@ TEST_P(RmsnormTest, NanAndInfPropagate) {
     }
 }
 
+// Rows are independent: the result must not depend on how rows are split among threads.
+TEST_P(RmsnormTest, SameBitsOnOneAndTwoThreads) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(impl());
+  const int64_t rows = 301, width = 1024;
+  const Matrix x(MOEKIT_BF16, rows, width, width, uniform(71, 4.0f));
+  const Matrix w(MOEKIT_F32, 1, width, width, weights(72));
+  Matrix x_in = x, w_in = w, y1(MOEKIT_BF16, rows, width, width), y2 = y1;
+  RmsnormArgs a;
+  a.rows = rows;
+  a.width = width;
+  a.x = x_in.data();
+  a.x_stride = width;
+  a.x_dtype = MOEKIT_BF16;
+  a.y_stride = width;
+  a.y_dtype = MOEKIT_BF16;
+  a.w = w_in.data();
+  a.w_dtype = MOEKIT_F32;
+  const int saved = moekit_num_threads();
+  ASSERT_EQ(moekit_set_num_threads(1), MOEKIT_OK);
+  a.y = y1.data();
+  impl().run(a);
+  ASSERT_EQ(moekit_set_num_threads(2), MOEKIT_OK);
+  a.y = y2.data();
+  impl().run(a);
+  ASSERT_EQ(moekit_set_num_threads(saved), MOEKIT_OK);
+  compare(y2, y1, std::string(impl().name) + " 2 threads vs 1", 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Impls, RmsnormTest,
                          testing::ValuesIn(moekit_test::impl_indices(moekit::rmsnorm_impls())),
                          (moekit_test::impl_test_name<RmsnormArgs, moekit::rmsnorm_impls>));

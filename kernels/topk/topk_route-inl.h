@@ -1,11 +1,10 @@
 // Top-k routing and the fused router GEMM, written once over a per-ISA `Ops` struct.
 //
-// Include this file inside a namespace of its own in each ISA translation unit
-// (moekit::topk_avx512,
-// ...), after <algorithm>, <cmath>, <cstdint>, <cstring>, <new> and "kernels/topk/topk_kernels.h",
-// and after defining `struct Ops` (see topk_scalar.cc for the required members). A distinct
-// namespace per ISA keeps the inline functions compiled with one ISA's flags from being merged
-// with another's at link time.
+// Include this file inside a namespace of its own in each ISA translation unit (e.g.
+// moekit::topk_avx512), after <algorithm>, <cmath>, <cstdint>, <cstring>, <new>, <omp.h>,
+// "dispatch/runtime.h" and "kernels/topk/topk_kernels.h", and after defining `struct Ops` (see
+// topk_scalar.cc for the required members). A distinct namespace per ISA keeps the inline
+// functions compiled with one ISA's flags from being merged with another's at link time.
 //
 // NOTE [exact routing]
 // Ids must equal the reference's exactly, so the scores are computed with the reference's
@@ -19,14 +18,18 @@
 //            lower index, and every expert's composite is distinct.
 // The selection keeps the k largest composites in a sorted list while scanning experts in
 // ascending index order; a vector compare of keys against the list's k-th key skips most experts
-// (a later expert with an equal key has a higher index and cannot enter).
+// (a later expert with an equal key has a higher index and cannot enter). Before the scan, the
+// k-th largest of the per-lane key maxima (k distinct experts reach it) raises that threshold
+// at once, so that nearly only the final k experts are ever inserted.
 // Grouped selection (DeepSeek-V3): a group's score is the float sum of its two largest selection
 // scores; the topk_group best groups are kept and the experts of the kept groups are scanned in
 // ascending index order, which is the reference's order restricted to eligible experts.
+//
 // No include guard on purpose: each ISA file includes this once, in its own namespace.
-// Only builtins, libc calls (memset, memcpy, expf: std::exp(float) of the reference is expf) and
-// templates instantiated with local lambdas are used here, so that no inline function shared
-// with other files (emitted out of line in debug builds) carries this ISA's instructions.
+// Only builtins, libc calls (memset, memcpy, expf: std::exp(float) of the reference is expf),
+// integer std::min/std::max and templates instantiated with local lambdas are used here, so that
+// no inline function shared with other files (emitted out of line in debug builds) carries this
+// ISA's vector instructions.
 
 constexpr int64_t kRowScratch = kTopkMaxExperts + 64;  // padded so vector tails stay in bounds
 

@@ -22,10 +22,9 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "bench/bench_util.h"
 #include "model/generate.h"
@@ -109,10 +108,26 @@ void BM_TinyDecode(benchmark::State& state, std::string variant) {
   state.SetLabel("fused_moe=" + model.kernels()["fused_moe"]);
 }
 
-BENCHMARK_CAPTURE(BM_TinyPrefill, bf16, std::string("bf16"))->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_TinyPrefill, fp8, std::string("fp8"))->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_TinyDecode, bf16, std::string("bf16"))->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_TinyDecode, fp8, std::string("fp8"))->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_TinyPrefill, bf16, std::string("bf16"))
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_TinyPrefill, fp8, std::string("fp8"))
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_TinyDecode, bf16, std::string("bf16"))
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_TinyDecode, fp8, std::string("fp8"))
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 // ---- dense projections: OpenBLAS vs oneDNN ---------------------------------------------------
 
@@ -125,7 +140,8 @@ void BM_DenseProjection(benchmark::State& state) {
   // Several weight copies, rotated, so that the large shape streams its weights from memory.
   const size_t weight_bytes = static_cast<size_t>(N * K) * 4;
   const size_t copies = std::max<size_t>(1, moekit_bench::streaming_buffer_bytes() / weight_bytes);
-  std::vector<std::vector<float>> w(copies, moekit_bench::random_floats(static_cast<size_t>(N * K), 7));
+  std::vector<std::vector<float>> w(copies,
+                                    moekit_bench::random_floats(static_cast<size_t>(N * K), 7));
   const std::vector<float> x = moekit_bench::random_floats(static_cast<size_t>(M * K), 3);
   std::vector<float> y(static_cast<size_t>(M * N));
   moekit::m2::DenseGemm gemm(backend);
@@ -201,7 +217,8 @@ void write_random_safetensors(const std::string& path, const std::vector<TensorS
   nlohmann::ordered_json header;
   size_t offset = 0;
   for (const TensorSpec& t : specs) {
-    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes()}}};
+    header[t.name] = {
+        {"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes()}}};
     offset += t.bytes();
   }
   const std::string h = header.dump();
@@ -219,7 +236,8 @@ void write_random_safetensors(const std::string& path, const std::vector<TensorS
     for (size_t first = 0; first < total; first += kChunk / elem) {
       const size_t count = std::min(kChunk / elem, total - first);
       fill(t, seed, buf.data(), first, count);
-      out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(count * elem));
+      out.write(reinterpret_cast<const char*>(buf.data()),
+                static_cast<std::streamsize>(count * elem));
     }
     ++seed;
   }
@@ -228,21 +246,25 @@ void write_random_safetensors(const std::string& path, const std::vector<TensorS
 
 // A one-layer full-size checkpoint folder (vocab cut to 1024: the lm_head is measured apart).
 std::string write_full_layer_checkpoint(bool fp8, int64_t experts) {
-  const fs::path dir = fs::temp_directory_path() /
-                       ("moekit_bench_m2_layer_" + std::string(fp8 ? "fp8_" : "bf16_") +
-                        std::to_string(getpid()));
+  const fs::path dir =
+      fs::temp_directory_path() /
+      ("moekit_bench_m2_layer_" + std::string(fp8 ? "fp8_" : "bf16_") + std::to_string(getpid()));
   fs::create_directories(dir);
   constexpr int64_t kSmallVocab = 1024;
-  nlohmann::json cfg = {
-      {"model_type", "minimax_m2"}, {"hidden_size", kHidden}, {"intermediate_size", kInter},
-      {"num_hidden_layers", 1}, {"num_attention_heads", kHeads}, {"num_key_value_heads", kKvHeads},
-      {"head_dim", kHeadDim}, {"num_local_experts", experts}, {"num_experts_per_tok", kTopK},
-      {"rotary_dim", kRotaryDim}, {"rope_theta", 5000000}, {"rms_norm_eps", 1e-6},
-      {"scoring_func", "sigmoid"}, {"use_routing_bias", true}, {"use_qk_norm", true},
-      {"qk_norm_type", "per_layer"}, {"vocab_size", kSmallVocab}, {"tie_word_embeddings", false}};
+  nlohmann::json cfg = {{"model_type", "minimax_m2"},    {"hidden_size", kHidden},
+                        {"intermediate_size", kInter},   {"num_hidden_layers", 1},
+                        {"num_attention_heads", kHeads}, {"num_key_value_heads", kKvHeads},
+                        {"head_dim", kHeadDim},          {"num_local_experts", experts},
+                        {"num_experts_per_tok", kTopK},  {"rotary_dim", kRotaryDim},
+                        {"rope_theta", 5000000},         {"rms_norm_eps", 1e-6},
+                        {"scoring_func", "sigmoid"},     {"use_routing_bias", true},
+                        {"use_qk_norm", true},           {"qk_norm_type", "per_layer"},
+                        {"vocab_size", kSmallVocab},     {"tie_word_embeddings", false}};
   if (fp8)
-    cfg["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "float8_e4m3fn"},
-                                  {"activation_scheme", "dynamic"}, {"weight_block_size", {128, 128}}};
+    cfg["quantization_config"] = {{"quant_method", "fp8"},
+                                  {"fmt", "float8_e4m3fn"},
+                                  {"activation_scheme", "dynamic"},
+                                  {"weight_block_size", {128, 128}}};
   std::ofstream(dir / "config.json") << cfg.dump(2);
 
   const std::string wdt = fp8 ? "F8_E4M3" : "BF16";
@@ -255,8 +277,10 @@ std::string write_full_layer_checkpoint(bool fp8, int64_t experts) {
     // FP8 values have magnitudes ~1; their block scale brings them to `scale`.
     specs.push_back({name, wdt, {N, K}, scale});
     if (fp8)
-      specs.push_back({name.substr(0, name.size() - 6) + "weight_scale_inv", "F32",
-                       {(N + 127) / 128, (K + 127) / 128}, scale});
+      specs.push_back({name.substr(0, name.size() - 6) + "weight_scale_inv",
+                       "F32",
+                       {(N + 127) / 128, (K + 127) / 128},
+                       scale});
   };
   specs.push_back({p + "input_layernorm.weight", "BF16", {kHidden}, 1.0f});
   specs.push_back({p + "post_attention_layernorm.weight", "BF16", {kHidden}, 1.0f});
@@ -305,7 +329,8 @@ FullLayer& full_layer(bool fp8, int64_t experts) {
   layer.experts = experts;
   const auto t0 = std::chrono::steady_clock::now();
   const std::string dir = write_full_layer_checkpoint(fp8, experts);
-  layer.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  layer.write_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   reset_peak_rss();
   const size_t before = vm_hwm_bytes();
   moekit::m2::LoadOptions o;
@@ -327,7 +352,8 @@ double lm_head_seconds(int threads) {
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     gemm.run(x.data(), 1, kHidden, kHidden, w.data(), kVocab, y.data(), kVocab);
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   return cache[threads] = best;
 }
@@ -356,14 +382,16 @@ void BM_FullLayerDecode(benchmark::State& state) {
   const moekit::m2::OpTimes t = model.times();
   const double step = t.total() / static_cast<double>(state.iterations());
   // The experts' part of one step minus the small-vocab lm_head: the layer's time.
-  const double layer_s = (t.attention + t.routing + t.experts) / static_cast<double>(state.iterations());
+  const double layer_s =
+      (t.attention + t.routing + t.experts) / static_cast<double>(state.iterations());
   const double lm_s = lm_head_seconds(threads);
   const double bw = moekit_bench::streaming_read_bandwidth(threads);
 
   // Bytes one decode token must read per layer: f32 dense attention weights, the f32 router,
   // the 8 active experts as packed, and this layer's KV cache.
   const double dense = static_cast<double>((kHeads * kHeadDim + 2 * kKvHeads * kHeadDim) * kHidden +
-                                           kHidden * kHeads * kHeadDim) * 4.0;
+                                           kHidden * kHeads * kHeadDim) *
+                       4.0;
   const double router = static_cast<double>(kExperts * kHidden) * 4.0;
   const double expert = static_cast<double>(model.load_stats().packed_expert_bytes) / experts;
   const double kv = 2.0 * kContext * kKvHeads * kHeadDim * 4.0;
@@ -387,7 +415,12 @@ void BM_FullLayerDecode(benchmark::State& state) {
                  " layout=" + model.load_stats().expert_layout);
 }
 BENCHMARK(BM_FullLayerDecode)
-    ->Args({1, 1, 256})->Args({1, 2, 256})->Args({0, 1, 64})->Args({0, 2, 64})
-    ->Iterations(5)->UseRealTime()->Unit(benchmark::kMillisecond);
+    ->Args({1, 1, 256})
+    ->Args({1, 2, 256})
+    ->Args({0, 1, 64})
+    ->Args({0, 2, 64})
+    ->Iterations(5)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -3,7 +3,6 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "model/safetensors.h"
@@ -146,7 +145,8 @@ ModelConfig read_config(const std::string& dir) {
   if (!(c.rms_norm_eps > 0.0)) f.fail("rms_norm_eps", "must be positive");
 
   const std::string scoring = f.string("scoring_func", "sigmoid");
-  if (scoring != "sigmoid") f.fail("scoring_func", "'" + scoring + "' is not supported (only sigmoid)");
+  if (scoring != "sigmoid")
+    f.fail("scoring_func", "'" + scoring + "' is not supported (only sigmoid)");
   c.use_routing_bias = f.boolean("use_routing_bias", true);
   c.use_qk_norm = f.boolean("use_qk_norm", true);
   const std::string qk_type = f.string("qk_norm_type", "per_layer");

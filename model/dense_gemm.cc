@@ -54,7 +54,8 @@ void DenseGemm::run(const float* x, int64_t M, int64_t K, int64_t ldx, const flo
   memory src(src_md, dnnl_->engine, const_cast<float*>(x));
   memory wei(wei_md, dnnl_->engine, const_cast<float*>(w));
   memory dst(dst_md, dnnl_->engine, y);
-  it->second.execute(dnnl_->stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+  it->second.execute(dnnl_->stream,
+                     {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
   dnnl_->stream.wait();
 }
 

@@ -87,7 +87,8 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   auto take = [&]() {
     const int32_t id = sampler.next(logits.data(), V);
     r.new_ids.push_back(id);
-    if (options.keep_step_logits) r.step_logits.insert(r.step_logits.end(), logits.begin(), logits.end());
+    if (options.keep_step_logits)
+      r.step_logits.insert(r.step_logits.end(), logits.begin(), logits.end());
     return id;
   };
 

@@ -34,8 +34,8 @@ class Sampler {
 struct GenerateOptions {
   int64_t max_new_tokens = 16;
   SamplingParams sampling;
-  bool stop_at_eos = true;           // the config's eos ids
-  bool keep_step_logits = false;     // fill GenerateResult::step_logits
+  bool stop_at_eos = true;        // the config's eos ids
+  bool keep_step_logits = false;  // fill GenerateResult::step_logits
 };
 
 struct GenerateResult {

@@ -10,6 +10,7 @@
 // The residual add of one block is fused with the next norm (moekit_fused_add_rmsnorm).
 #include "model/model.h"
 
+#include <cblas.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -18,8 +19,6 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
-
-#include <cblas.h>
 
 #include "reference/numeric.h"
 
@@ -88,7 +87,8 @@ void widen(const TensorInfo& t, float* out) {
     for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(load_u16(t.data, i));
   } else if (t.dtype == "F16") {
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t h = load_u16(t.data, i), sign = (h >> 15) & 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+      const uint32_t h = load_u16(t.data, i), sign = (h >> 15) & 1, e = (h >> 10) & 0x1f,
+                     m = h & 0x3ff;
       float v = e == 0    ? std::ldexp(static_cast<float>(m), -24)
                 : e == 31 ? (m ? std::nanf("") : std::numeric_limits<float>::infinity())
                           : std::ldexp(1.0f + m / 1024.0f, static_cast<int>(e) - 15);
@@ -117,8 +117,9 @@ std::string scale_name(const std::string& weight_name) {
 // The block-scale tensor of an FP8 weight [N, K], checked.
 const TensorInfo& fp8_scales(const Checkpoint& ck, const ModelConfig& c, const TensorInfo& w) {
   if (!c.fp8)
-    throw ModelError(tensor_where(w) +
-                     " is F8_E4M3 but config.json has no fp8 quantization_config (block size unknown)");
+    throw ModelError(
+        tensor_where(w) +
+        " is F8_E4M3 but config.json has no fp8 quantization_config (block size unknown)");
   const TensorInfo* s = ck.find(scale_name(w.name));
   if (!s)
     throw ModelError(tensor_where(w) + " is F8_E4M3 but its scale tensor '" + scale_name(w.name) +
@@ -283,15 +284,16 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
     std::string first_dtype;
     for (int64_t e = 0; e < E; ++e)
       for (int i = 0; i < 3; ++i) {
-        const TensorInfo& t = ck.get(moe + "experts." + std::to_string(e) + "." + kNames[i] + ".weight");
+        const TensorInfo& t =
+            ck.get(moe + "experts." + std::to_string(e) + "." + kNames[i] + ".weight");
         expect_shape(t, i == 2 ? std::vector<int64_t>{H, I} : std::vector<int64_t>{I, H});
         if (t.dtype != "BF16" && t.dtype != "F32" && t.dtype != "F8_E4M3")
           throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
                            ", expected BF16, F32 or F8_E4M3");
         if (first_dtype.empty()) first_dtype = t.dtype;
         if (t.dtype != first_dtype)
-          throw ModelError(tensor_where(t) + " has dtype " + t.dtype + " but the layer's other experts are " +
-                           first_dtype);
+          throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
+                           " but the layer's other experts are " + first_dtype);
         w[i].push_back(aligned(t, t.dtype == "F32" ? 4 : t.dtype == "BF16" ? 2 : 1));
         used.push_back(&t);
         account(t);
@@ -326,7 +328,8 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
       widened.resize(static_cast<size_t>(E) * per_expert);
       for (int64_t e = 0; e < E; ++e)
         for (int i = 0; i < 3; ++i) {
-          const std::string name = moe + "experts." + std::to_string(e) + "." + kNames[i] + ".weight";
+          const std::string name =
+              moe + "experts." + std::to_string(e) + "." + kNames[i] + ".weight";
           float* dst = widened.data() + e * per_expert + static_cast<size_t>(i * I * H);
           const int64_t rows = i == 2 ? H : I, cols = i == 2 ? I : H;
           load_matrix_into(ck, c, name, rows, cols, dst);
@@ -346,7 +349,8 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
     stats_.dense_bytes += (layer.wqkv.size() + layer.wo.size() + layer.gate.size()) * sizeof(float);
     progress.update(L + 1, bytes_done);
   }
-  stats_.dense_bytes += (embed_.size() + (c.tie_word_embeddings ? 0 : lm_head_.size())) * sizeof(float);
+  stats_.dense_bytes +=
+      (embed_.size() + (c.tie_word_embeddings ? 0 : lm_head_.size())) * sizeof(float);
   stats_.expert_dtype = expert_dtype == MOEKIT_FP8_E4M3 ? "fp8_e4m3"
                         : expert_dtype == MOEKIT_F32    ? "f32"
                                                         : "bf16";
@@ -464,7 +468,8 @@ void Model::forward(const int32_t* ids, int64_t T, KvCache* cache, float* logits
     if (!trace) return;
     std::vector<float>& v = trace->f32[name];
     v.resize(static_cast<size_t>(rows * cols));
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(&v[r * cols], p + r * stride, cols * sizeof(float));
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(&v[r * cols], p + r * stride, cols * sizeof(float));
   };
 
   Clock::time_point t0 = Clock::now();

@@ -13,9 +13,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 namespace moekit::m2 {
 namespace {
@@ -38,9 +37,9 @@ int64_t TensorInfo::numel() const {
 
 size_t safetensors_dtype_size(const std::string& dtype) {
   static const std::map<std::string, size_t> kSizes = {
-      {"F64", 8}, {"F32", 4},     {"F16", 2},     {"BF16", 2}, {"I64", 8}, {"I32", 4},
-      {"I16", 2}, {"I8", 1},      {"U8", 1},      {"BOOL", 1}, {"U16", 2}, {"U32", 4},
-      {"U64", 8}, {"F8_E4M3", 1}, {"F8_E5M2", 1},
+      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2},    {"I64", 8},
+      {"I32", 4}, {"I16", 2}, {"I8", 1},  {"U8", 1},      {"BOOL", 1},
+      {"U16", 2}, {"U32", 4}, {"U64", 8}, {"F8_E4M3", 1}, {"F8_E5M2", 1},
   };
   auto it = kSizes.find(dtype);
   return it == kSizes.end() ? 0 : it->second;
@@ -70,7 +69,8 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   f->size_ = static_cast<size_t>(st.st_size);
   if (f->size_ < 8) {
     ::close(fd);
-    fail(path, "truncated: " + std::to_string(f->size_) + " bytes, shorter than the 8-byte header length");
+    fail(path, "truncated: " + std::to_string(f->size_) +
+                   " bytes, shorter than the 8-byte header length");
   }
   void* p = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
   const int map_errno = errno;
@@ -170,7 +170,8 @@ Checkpoint Checkpoint::open(const std::string& dir) {
                          "' is not a file name");
       const std::string shard = it.value().get<std::string>();
       if (shard.find('/') != std::string::npos || shard == "..")
-        throw ModelError(index_path.string() + ": shard name '" + shard + "' is not a plain file name");
+        throw ModelError(index_path.string() + ": shard name '" + shard +
+                         "' is not a plain file name");
       weight_map[it.key()] = shard;
       shards.insert(shard);
     }
@@ -196,7 +197,8 @@ Checkpoint Checkpoint::open(const std::string& dir) {
         if (it == weight_map.end() || it->second != shard_name) continue;
       }
       if (c.index_.count(name))
-        throw ModelError(p + ": tensor '" + name + "' also appears in " + *c.index_[name].first->file);
+        throw ModelError(p + ": tensor '" + name + "' also appears in " +
+                         *c.index_[name].first->file);
       c.index_[name] = {&info, f};
     }
   }

@@ -6,10 +6,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "model/generate.h"
 #include "model/model.h"
@@ -36,7 +35,8 @@ void usage() {
       "  --seed S               sampling seed (default 0)\n"
       "  --threads N            kernel threads (default: physical cores)\n"
       "  --gemm openblas|onednn backend of the dense projections (default openblas)\n"
-      "  --f32-experts          widen expert weights to f32 before packing (f32 math, more memory)\n"
+      "  --f32-experts          widen expert weights to f32 before packing (f32 math, more "
+      "memory)\n"
       "  --no-eos               do not stop at the config's EOS ids\n"
       "  --quiet                no progress or summary on stderr\n"
       "  --json                 one JSON object on stdout\n");
@@ -114,7 +114,8 @@ int main(int argc, char** argv) {
       if (gen.sampling.top_k < 0) bad("--top-k must be >= 0");
     } else if (a == "--top-p") {
       gen.sampling.top_p = static_cast<float>(parse_double("--top-p", value()));
-      if (!(gen.sampling.top_p > 0.0f && gen.sampling.top_p <= 1.0f)) bad("--top-p must be in (0, 1]");
+      if (!(gen.sampling.top_p > 0.0f && gen.sampling.top_p <= 1.0f))
+        bad("--top-p must be in (0, 1]");
     } else if (a == "--seed") {
       gen.sampling.seed = static_cast<uint64_t>(parse_int("--seed", value()));
     } else if (a == "--threads") {
@@ -122,9 +123,12 @@ int main(int argc, char** argv) {
       if (threads < 1) bad("--threads must be >= 1");
     } else if (a == "--gemm") {
       const std::string g = value();
-      if (g == "openblas") load.gemm = moekit::m2::GemmBackend::kOpenBlas;
-      else if (g == "onednn") load.gemm = moekit::m2::GemmBackend::kOneDnn;
-      else bad("--gemm: '" + g + "' is not openblas or onednn");
+      if (g == "openblas")
+        load.gemm = moekit::m2::GemmBackend::kOpenBlas;
+      else if (g == "onednn")
+        load.gemm = moekit::m2::GemmBackend::kOneDnn;
+      else
+        bad("--gemm: '" + g + "' is not openblas or onednn");
     } else if (a == "--f32-experts") {
       load.expert_precision = moekit::m2::ExpertPrecision::kF32;
     } else if (a == "--no-eos") {
@@ -157,8 +161,10 @@ int main(int argc, char** argv) {
   }
 
   const moekit::m2::LoadStats& ls = model->load_stats();
-  const double prefill_tps = result.prefill_seconds > 0 ? result.prompt_tokens / result.prefill_seconds : 0;
-  const double decode_tps = result.decode_seconds > 0 ? result.decode_steps / result.decode_seconds : 0;
+  const double prefill_tps =
+      result.prefill_seconds > 0 ? result.prompt_tokens / result.prefill_seconds : 0;
+  const double decode_tps =
+      result.decode_seconds > 0 ? result.decode_steps / result.decode_seconds : 0;
   const moekit::m2::OpTimes& t = model->times();
   if (json) {
     nlohmann::ordered_json j;

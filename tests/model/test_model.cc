@@ -12,11 +12,10 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "model/generate.h"
 #include "model/model.h"
@@ -71,7 +70,8 @@ double expect_close(const std::vector<float>& got, const std::vector<float>& wan
     max_diff = std::isnan(d) ? INFINITY : std::max(max_diff, d);
     max_ref = std::max(max_ref, std::fabs(static_cast<double>(want[i])));
   }
-  EXPECT_LE(max_diff, rel * max_ref) << what << ": max|diff| " << max_diff << ", max|expected| " << max_ref;
+  EXPECT_LE(max_diff, rel * max_ref)
+      << what << ": max|diff| " << max_diff << ", max|expected| " << max_ref;
   return max_diff / max_ref;
 }
 
@@ -162,7 +162,8 @@ TEST_P(GoldenTest, EveryIntermediateOfThePromptForward) {
   double worst_intermediate = 0;
   for (const std::string& n : names) {
     ASSERT_TRUE(trace.f32.count(n)) << n << " was not traced";
-    worst_intermediate = std::max(worst_intermediate, expect_close(trace.f32[n], read_f32(*g.file, n), n));
+    worst_intermediate =
+        std::max(worst_intermediate, expect_close(trace.f32[n], read_f32(*g.file, n), n));
   }
   std::printf("[%s/%s] worst intermediate max|diff|/max|expected| = %.3g\n", p.variant.c_str(),
               moekit::m2::gemm_backend_name(p.backend), worst_intermediate);
@@ -206,9 +207,11 @@ TEST_P(GoldenTest, GreedyGenerationMatches) {
   o.keep_step_logits = true;
   const moekit::m2::GenerateResult r = moekit::m2::generate(*model, g.prompt, o);
   ASSERT_EQ(r.new_ids.size(), want_ids.size());
-  for (size_t i = 0; i < want_ids.size(); ++i) EXPECT_EQ(r.new_ids[i], want_ids[i]) << "token " << i;
+  for (size_t i = 0; i < want_ids.size(); ++i)
+    EXPECT_EQ(r.new_ids[i], want_ids[i]) << "token " << i;
   EXPECT_EQ(r.decode_steps, static_cast<int64_t>(want_ids.size()) - 1);
-  const double d = expect_close(r.step_logits, read_f32(*g.file, "gen.step_logits"), "gen.step_logits");
+  const double d =
+      expect_close(r.step_logits, read_f32(*g.file, "gen.step_logits"), "gen.step_logits");
   std::printf("[%s/%s] step logits max|diff|/max|expected| = %.3g\n", p.variant.c_str(),
               moekit::m2::gemm_backend_name(p.backend), d);
 }
@@ -233,20 +236,23 @@ TEST_P(GoldenTest, PrefillThenDecodeEqualsFullForward) {
   KvCache c2(*model, 4);  // small capacity: forces the cache to grow
   model->forward(seq.data(), 7, &c2, incremental.data(), true);
   model->forward(seq.data() + 7, 13, &c2, incremental.data() + 7 * V, true);
-  for (int64_t t = 20; t < S; ++t) model->forward(&seq[t], 1, &c2, incremental.data() + t * V, false);
+  for (int64_t t = 20; t < S; ++t)
+    model->forward(&seq[t], 1, &c2, incremental.data() + t * V, false);
   EXPECT_EQ(c2.length(), S);
   const double d = expect_close(incremental, full, "incremental vs full", 1e-5);
   std::printf("[%s/%s] cached decode vs full forward: max|diff|/max = %.3g\n", p.variant.c_str(),
               moekit::m2::gemm_backend_name(p.backend), d);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    TinyM2, GoldenTest,
-    testing::Values(GoldenCase{"bf16", GemmBackend::kOpenBlas}, GoldenCase{"fp8", GemmBackend::kOpenBlas},
-                    GoldenCase{"bf16", GemmBackend::kOneDnn}, GoldenCase{"fp8", GemmBackend::kOneDnn}),
-    [](const testing::TestParamInfo<GoldenCase>& info) {
-      return info.param.variant + "_" + moekit::m2::gemm_backend_name(info.param.backend);
-    });
+INSTANTIATE_TEST_SUITE_P(TinyM2, GoldenTest,
+                         testing::Values(GoldenCase{"bf16", GemmBackend::kOpenBlas},
+                                         GoldenCase{"fp8", GemmBackend::kOpenBlas},
+                                         GoldenCase{"bf16", GemmBackend::kOneDnn},
+                                         GoldenCase{"fp8", GemmBackend::kOneDnn}),
+                         [](const testing::TestParamInfo<GoldenCase>& info) {
+                           return info.param.variant + "_" +
+                                  moekit::m2::gemm_backend_name(info.param.backend);
+                         });
 
 // Experts packed as stored (bf16 / FP8) run on whatever kernels dispatch picks on this machine.
 // Those may compute with bf16 activations, so the f32 gate applies only when the reference ran;
@@ -289,7 +295,8 @@ TEST(Model, LoadStatsAndKernels) {
   auto model = load_model("fp8", GemmBackend::kOpenBlas, ExpertPrecision::kCheckpoint);
   const moekit::m2::LoadStats& s = model->load_stats();
   EXPECT_EQ(s.expert_dtype, "fp8_e4m3");
-  EXPECT_GT(s.packed_expert_bytes, size_t{2} * 16 * 3 * 128 * 256);  // 2 layers x 16 experts x 3 fp8
+  EXPECT_GT(s.packed_expert_bytes,
+            size_t{2} * 16 * 3 * 128 * 256);  // 2 layers x 16 experts x 3 fp8
   EXPECT_GT(s.peak_rss_bytes, 0u);
   EXPECT_EQ(model->config().block_n, 128);
   EXPECT_EQ(model->config().rotary_dim, 16);
@@ -298,7 +305,8 @@ TEST(Model, LoadStatsAndKernels) {
   const int32_t id = 5;
   model->forward(&id, 1, &cache, logits.data(), false);
   const auto kernels = model->kernels();
-  for (const char* op : {"fused_moe", "router_topk", "qk_norm", "fused_add_rmsnorm", "dense_gemm"}) {
+  for (const char* op :
+       {"fused_moe", "router_topk", "qk_norm", "fused_add_rmsnorm", "dense_gemm"}) {
     ASSERT_TRUE(kernels.count(op)) << op;
     EXPECT_FALSE(kernels.at(op).empty()) << op;
   }
@@ -416,7 +424,8 @@ class BrokenCheckpoint : public testing::Test {
  protected:
   void SetUp() override {
     dir_ = fs::path(testing::TempDir()) /
-           ("moekit_broken_" + std::string(testing::UnitTest::GetInstance()->current_test_info()->name()));
+           ("moekit_broken_" +
+            std::string(testing::UnitTest::GetInstance()->current_test_info()->name()));
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }
@@ -464,7 +473,8 @@ TEST_F(BrokenCheckpoint, CopyOfTheGoodOneLoads) {
 }
 
 TEST_F(BrokenCheckpoint, MissingTensor) {
-  write_edited("bf16", [](RawSafetensors& r) { r.header.erase("model.layers.1.self_attn.k_proj.weight"); });
+  write_edited("bf16",
+               [](RawSafetensors& r) { r.header.erase("model.layers.1.self_attn.k_proj.weight"); });
   expect_failure({file(), "missing tensor", "model.layers.1.self_attn.k_proj.weight"});
 }
 
@@ -487,7 +497,8 @@ TEST_F(BrokenCheckpoint, WrongShape) {
   write_edited("bf16", [](RawSafetensors& r) {
     r.header["model.layers.0.self_attn.k_proj.weight"]["shape"] = {256, 64};
   });
-  expect_failure({file(), "model.layers.0.self_attn.k_proj.weight", "[256, 64]", "expected [64, 256]"});
+  expect_failure(
+      {file(), "model.layers.0.self_attn.k_proj.weight", "[256, 64]", "expected [64, 256]"});
 }
 
 TEST_F(BrokenCheckpoint, WrongScaleShape) {
@@ -570,7 +581,9 @@ TEST_F(BrokenCheckpoint, MalformedHeaderEntries) {
   expect_failure({file(), "model.norm.weight", "shape"});
   write_edited("bf16", [](RawSafetensors& r) { r.header["model.norm.weight"].erase("dtype"); });
   expect_failure({file(), "model.norm.weight", "dtype"});
-  write_edited("bf16", [](RawSafetensors& r) { r.header["model.norm.weight"]["data_offsets"] = {-1, 4}; });
+  write_edited("bf16", [](RawSafetensors& r) {
+    r.header["model.norm.weight"]["data_offsets"] = {-1, 4};
+  });
   expect_failure({file(), "model.norm.weight", "data_offsets"});
   write_edited("bf16", [](RawSafetensors& r) { r.header["model.norm.weight"] = 3; });
   expect_failure({file(), "model.norm.weight", "not an object"});
@@ -608,10 +621,16 @@ TEST_F(BrokenCheckpoint, UnsupportedSettingsAreRefused) {
       {[](nlohmann::json& c) { c["qk_norm_type"] = "per_head"; }, "qk_norm_type"},
       {[](nlohmann::json& c) { c["scoring_func"] = "softmax"; }, "scoring_func"},
       {[](nlohmann::json& c) { c["shared_intermediate_size"] = 128; }, "shared_intermediate_size"},
-      {[](nlohmann::json& c) { c["attn_type_list"] = {0, 1}; }, "attn_type_list"},
+      {[](nlohmann::json& c) {
+         c["attn_type_list"] = {0, 1};
+       },
+       "attn_type_list"},
       {[](nlohmann::json& c) { c["hidden_act"] = "gelu"; }, "hidden_act"},
       {[](nlohmann::json& c) { c["model_type"] = "llama"; }, "model_type"},
-      {[](nlohmann::json& c) { c["quantization_config"] = {{"quant_method", "awq"}}; }, "quant_method"},
+      {[](nlohmann::json& c) {
+         c["quantization_config"] = {{"quant_method", "awq"}};
+       },
+       "quant_method"},
       {[](nlohmann::json& c) {
          c["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128}}};
        },
@@ -654,16 +673,22 @@ TEST_F(BrokenCheckpoint, ShardedCheckpointGivesTheSameLogits) {
     entry["data_offsets"] = {s.data.size(), s.data.size() + (e - b)};
     s.data += r.data.substr(b, e - b);
     s.header[it.key()] = entry;
-    weight_map[it.key()] = i % 2 ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
+    weight_map[it.key()] =
+        i % 2 ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
   }
   // An MTP-style tensor beyond num_hidden_layers, present in the shard and the index: ignored.
   shard[1].header["model.layers.2.input_layernorm.weight"] = {
-      {"dtype", "BF16"}, {"shape", {256}}, {"data_offsets", {shard[1].data.size(), shard[1].data.size() + 512}}};
+      {"dtype", "BF16"},
+      {"shape", {256}},
+      {"data_offsets", {shard[1].data.size(), shard[1].data.size() + 512}}};
   shard[1].data += std::string(512, '\0');
   weight_map["model.layers.2.input_layernorm.weight"] = "model-00002-of-00002.safetensors";
-  std::ofstream(dir_ / "model-00001-of-00002.safetensors", std::ios::binary) << shard[0].serialize();
-  std::ofstream(dir_ / "model-00002-of-00002.safetensors", std::ios::binary) << shard[1].serialize();
-  std::ofstream(dir_ / "model.safetensors.index.json") << nlohmann::json{{"weight_map", weight_map}}.dump();
+  std::ofstream(dir_ / "model-00001-of-00002.safetensors", std::ios::binary)
+      << shard[0].serialize();
+  std::ofstream(dir_ / "model-00002-of-00002.safetensors", std::ios::binary)
+      << shard[1].serialize();
+  std::ofstream(dir_ / "model.safetensors.index.json")
+      << nlohmann::json{{"weight_map", weight_map}}.dump();
   std::ifstream in(model_dir("fp8") + "/config.json");
   nlohmann::json cfg = nlohmann::json::parse(in);
   cfg.erase("head_dim");  // default hidden / heads = 32, the same
@@ -681,7 +706,8 @@ TEST_F(BrokenCheckpoint, ShardedCheckpointGivesTheSameLogits) {
 
   // The index names a tensor its shard lacks.
   weight_map["model.extra.weight"] = "model-00002-of-00002.safetensors";
-  std::ofstream(dir_ / "model.safetensors.index.json") << nlohmann::json{{"weight_map", weight_map}}.dump();
+  std::ofstream(dir_ / "model.safetensors.index.json")
+      << nlohmann::json{{"weight_map", weight_map}}.dump();
   expect_failure({"model-0000", "missing tensor", "model."});
 }
 

@@ -59,6 +59,19 @@ inline void to_bf16x64(__m512i q, const Tables& t, __m512i* first, __m512i* seco
   *second = _mm512_unpackhi_epi8(low, high);
 }
 
+// The same without the arranging vpermb: *lanes_low holds the words of input bytes 0-7, 16-23,
+// 32-39, 48-55 and *lanes_high those of bytes 8-15, 24-31, 40-47, 56-63 (each 128-bit lane j
+// of the results covers input bytes 16j .. 16j + 15). Callers that can use that order save one
+// shuffle per 64 weights.
+inline void to_bf16x64_lane_order(__m512i q, const Tables& t, __m512i* lanes_low,
+                                  __m512i* lanes_high) {
+  __m512i high = _mm512_permutex2var_epi8(t.high0, q, t.high1);
+  const __m512i low = _mm512_permutex2var_epi8(t.low0, q, t.low1);
+  high = _mm512_ternarylogic_epi32(high, q, _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+  *lanes_low = _mm512_unpacklo_epi8(low, high);
+  *lanes_high = _mm512_unpackhi_epi8(low, high);
+}
+
 }  // namespace fp8_vbmi
 }  // namespace
 }  // namespace moekit

@@ -15,7 +15,8 @@
 //     call whatever the row count.
 // Converter: struct with `void operator()(const uint8_t* src, __m512i* pair0, __m512i* pair1)`
 // turning the 64 bytes at src (two K pairs of a panel) into the bf16 operands of two dot
-// products.
+// products, and `static constexpr bool kLaneOrder`: whether it also has
+// `lane_order(src, lanes_low, lanes_high)` (see block_tile_lane_order), used for single rows.
 #ifndef MOEKIT_KERNELS_MOE_FP8_MOE_AVX512_H_
 #define MOEKIT_KERNELS_MOE_FP8_MOE_AVX512_H_
 
@@ -152,6 +153,67 @@ void block_rows(int mr, int np, const uint16_t* const* x, int64_t K, Fp8PairRang
   }
 }
 
+// One K block for a single row with a converter in lane order (Converter::kLaneOrder): the 64
+// bytes of two K pairs kk, kk+1 of a panel convert to L (input bytes 0-7, 16-23, 32-39, 48-55)
+// and H (bytes 8-15, 24-31, 40-47, 56-63). As dot-product lanes (one per output and pair):
+//   L: lanes 0-3 (kk, n 0-3), 4-7 (kk, n 8-11), 8-11 (kk+1, n 0-3), 12-15 (kk+1, n 8-11)
+//   H: the same with n 4-7 and n 12-15,
+// so both take the activation vector {pair kk in lanes 0-7, pair kk+1 in lanes 8-15}, and the
+// halves are added and put in output order once per block.
+template <int NP, int NM, class Converter>
+inline void block_tile_lane_order(const uint16_t* x, int64_t K, Fp8PairRange range,
+                                  const uint8_t* const (*data)[kMaxPanels], const Converter& convert,
+                                  const float (*scale)[kMaxPanels], float* const* acc) {
+  __m512 sl[NM][NP], sh[NM][NP];
+  for (int m = 0; m < NM; ++m)
+    for (int p = 0; p < NP; ++p) sl[m][p] = sh[m][p] = _mm512_setzero_ps();
+  const auto step = [&](int64_t kk, __m512bh a, __mmask16 lanes) {
+    for (int m = 0; m < NM; ++m)
+      for (int p = 0; p < NP; ++p) {
+        __m512i wl, wh;
+        convert.lane_order(data[m][p] + kk * kPairBytes, &wl, &wh);
+        sl[m][p] = _mm512_mask_dpbf16_ps(sl[m][p], lanes, a, (__m512bh)wl);
+        sh[m][p] = _mm512_mask_dpbf16_ps(sh[m][p], lanes, a, (__m512bh)wh);
+      }
+  };
+  constexpr __mmask16 kBothPairs = 0xFFFF, kFirstPair = 0x00FF;
+  const int64_t full_end = std::min(range.kk1, K / 2);
+  int64_t kk = range.kk0;
+  for (; kk + 2 <= full_end; kk += 2)
+    step(kk, (__m512bh)_mm512_mask_blend_epi32(0xFF00, (__m512i)pair_at(x, kk), (__m512i)pair_at(x, kk + 1)),
+         kBothPairs);
+  if (kk < range.kk1) {  // one or two pairs left, the last possibly half inside K
+    const bool second = kk + 1 < range.kk1;
+    const __m512i a0 = (__m512i)pair_or_last(x, kk, K);
+    const __m512i a1 = second ? (__m512i)pair_or_last(x, kk + 1, K) : a0;
+    // Without a second pair its lanes are left untouched (its bytes may be another block's).
+    step(kk, (__m512bh)_mm512_mask_blend_epi32(0xFF00, a0, a1), second ? kBothPairs : kFirstPair);
+  }
+  // Output order: n 0-3 from L lanes 0-3 (+ 8-11), n 4-7 from H 0-3 (+ 8-11), n 8-11 from
+  // L 4-7 (+ 12-15), n 12-15 from H 4-7 (+ 12-15).
+  const __m512i order = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  for (int m = 0; m < NM; ++m)
+    for (int p = 0; p < NP; ++p) {
+      const __m512 l = _mm512_add_ps(sl[m][p], _mm512_maskz_shuffle_f32x4(0xFFFF, sl[m][p], sl[m][p], 0x4E));
+      const __m512 h = _mm512_add_ps(sh[m][p], _mm512_maskz_shuffle_f32x4(0xFFFF, sh[m][p], sh[m][p], 0x4E));
+      const __m512 sum = _mm512_permutex2var_ps(l, order, h);
+      float* a = acc[m] + p * kMoePanelN;
+      _mm512_store_ps(a, _mm512_fmadd_ps(sum, _mm512_set1_ps(scale[m][p]), _mm512_load_ps(a)));
+    }
+}
+
+template <int NM, class Converter>
+void block_lane_order_np(int np, const uint16_t* x, int64_t K, Fp8PairRange range,
+                         const uint8_t* const (*data)[kMaxPanels], const Converter& convert,
+                         const float (*scale)[kMaxPanels], float* const* acc) {
+  switch (np) {
+    case 1: return block_tile_lane_order<1, NM>(x, K, range, data, convert, scale, acc);
+    case 2: return block_tile_lane_order<2, NM>(x, K, range, data, convert, scale, acc);
+    case 3: return block_tile_lane_order<3, NM>(x, K, range, data, convert, scale, acc);
+    default: return block_tile_lane_order<4, NM>(x, K, range, data, convert, scale, acc);
+  }
+}
+
 // Runs every K block of NM matrices (first panels tiles[m]) over rows x[0..rows), leaving the
 // scaled sums in acc[m] (rows x kTileN f32 each).
 template <int NM, int kMaxRows, class Converter>
@@ -172,7 +234,14 @@ void reduce_all_blocks(const uint16_t* const* x, int64_t rows, int64_t K, const 
       float scale[NM][kMaxPanels];
       for (int m = 0; m < NM; ++m)
         for (int p = 0; p < np; ++p) scale[m][p] = fp8_panel_scales(panel(m, p))[kb];
-      block_rows<NM>(static_cast<int>(rows), np, x, K, fp8_block_pairs(kb, block_k, K), w, scale, acc);
+      const Fp8PairRange range = fp8_block_pairs(kb, block_k, K);
+      if constexpr (Converter::kLaneOrder) {
+        if (rows == 1) {  // decode: the lane-order conversion, one shuffle fewer per 64 weights
+          block_lane_order_np<NM>(np, x[0], K, range, w.data, w.convert, scale, acc);
+          continue;
+        }
+      }
+      block_rows<NM>(static_cast<int>(rows), np, x, K, range, w, scale, acc);
     }
     return;
   }

@@ -7,6 +7,7 @@ namespace moekit {
 namespace {
 
 struct BwConverter {
+  static constexpr bool kLaneOrder = false;
   __m512i table = fp8_avx512::subnormal_table();
   inline void operator()(const uint8_t* src, __m512i* pair0, __m512i* pair1) const {
     *pair0 = fp8_avx512::to_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), table);

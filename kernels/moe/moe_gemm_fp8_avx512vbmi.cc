@@ -12,9 +12,13 @@ namespace moekit {
 namespace {
 
 struct VbmiConverter {
+  static constexpr bool kLaneOrder = true;
   fp8_vbmi::Tables tables = fp8_vbmi::make_tables();
   inline void operator()(const uint8_t* src, __m512i* pair0, __m512i* pair1) const {
     fp8_vbmi::to_bf16x64(_mm512_loadu_si512(src), tables, pair0, pair1);
+  }
+  inline void lane_order(const uint8_t* src, __m512i* lanes_low, __m512i* lanes_high) const {
+    fp8_vbmi::to_bf16x64_lane_order(_mm512_loadu_si512(src), tables, lanes_low, lanes_high);
   }
 };
 

@@ -90,6 +90,8 @@ void read_eos(const Fields& f, const json& j, const std::string& file, std::vect
 
 ModelConfig read_config(const std::string& dir) {
   namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw ModelError(dir + ": not a directory");
   const fs::path path = fs::path(dir) / "config.json";
   const std::string file = path.string();
   const json j = read_json(path);
@@ -188,7 +190,6 @@ ModelConfig read_config(const std::string& dir) {
 
   read_eos(f, j, file, &c.eos_token_ids);
   const fs::path gen_path = fs::path(dir) / "generation_config.json";
-  std::error_code ec;
   if (fs::exists(gen_path, ec)) {
     const json g = read_json(gen_path);
     read_eos(Fields(g, gen_path.string()), g, gen_path.string(), &c.eos_token_ids);

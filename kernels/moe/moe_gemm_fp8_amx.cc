@@ -10,6 +10,10 @@
 //      TDPBF16PS products are accumulated (A tiles from the gathered activation rows), and the
 //      C tiles are stored to a small scratch from which AVX-512 adds them times the panels'
 //      scales into the f32 accumulator rows (acc += C * scale).
+// From kPrescaleRows rows per call (prefill), the per-block epilogue of step 2 would cost about
+// half as much as the tile products, so the whole K of the tile is instead dequantized once
+// with its scales, rounded to bf16 (RNE; the rounding a bf16 copy of the weights has), and the
+// tiles accumulate all of K before one epilogue.
 // The epilogue (silu(gate) * up to bf16, or row_weight * dot into the output rows) is the one
 // of the AVX-512 kernels. Tiles: palette 1, eight tiles of 16 rows x 64 bytes (the AMX
 // configuration of moe_amx.h): 0..3 C, 4..5 A, 6..7 B.
@@ -31,6 +35,10 @@ using fp8_moe::kTileN;
 constexpr int64_t kTilePairs = 16;  // K pairs of one B tile
 constexpr int64_t kStepRows = 2 * kAmxTileM;
 constexpr long kTileRowBytes = 64;
+// From this many rows per call the weights are dequantized with their block scales into bf16
+// (one rounding per weight, as a bf16 checkpoint has) and the tiles run all of K at once; below
+// it, every K block's sums are scaled in f32 (exact weights, one epilogue per block).
+constexpr int64_t kPrescaleRows = 64;
 
 // tileloadd is not known to read memory; keep earlier stores to its buffers in place.
 inline void compiler_barrier() { asm volatile("" ::: "memory"); }
@@ -45,41 +53,63 @@ void amx_reduce(const uint16_t* a, int64_t lda, int64_t rows, int64_t K, const v
   const int64_t block_k = h.block_k, panel_bytes = h.panel_bytes;
   const size_t header_bytes = fp8_panel_header_bytes(K, block_k);
   const int64_t block_pairs = block_k / 2;  // a multiple of 16 (supports)
+  // Many rows: the weights are dequantized with their scales (rounded to bf16) for the whole K
+  // once, and the tiles accumulate all of K before a single epilogue (see the NOTE).
+  const bool prescale = rows >= kPrescaleRows;
+  const int64_t buffer_pairs = prescale ? vnni_padded_k(K) / 2 : block_pairs;
   auto* buffer = reinterpret_cast<uint16_t*>(fp8_thread_buffer(
-      0, static_cast<size_t>(NM * kMaxPanels * block_pairs * kPairBytes) * sizeof(uint16_t)));
+      0, static_cast<size_t>(NM * kMaxPanels * buffer_pairs * kPairBytes) * sizeof(uint16_t)));
   for (int m = 0; m < NM; ++m) std::memset(acc[m], 0, static_cast<size_t>(rows * kTileN) * 4);
   const fp8_vbmi::Tables tables = fp8_vbmi::make_tables();
   const long a_bytes = static_cast<long>(lda) * 2;
   alignas(64) float c[kStepRows * 2 * kAmxTileN];
   constexpr long kCBytes = 2 * kAmxTileN * 4;
-  for (int64_t kb = 0; kb < h.num_kb; ++kb) {
+  const auto panel_of = [&](int m, int p) {
+    return static_cast<const unsigned char*>(tiles[m]) + p * panel_bytes;
+  };
+  // Whole B tiles: the panels and A are zero beyond K up to a multiple of 32 values.
+  const auto tile_pairs = [](Fp8PairRange r) {
+    return (r.kk1 - r.kk0 + kTilePairs - 1) / kTilePairs * kTilePairs;
+  };
+  // Converts block kb of every panel into the buffer (at the block's place when prescaling),
+  // times its scale when prescaling.
+  const auto convert_block = [&](int64_t kb) {
     const Fp8PairRange range = fp8_block_pairs(kb, block_k, K);
-    // Whole B tiles: the panels and A are zero beyond K up to a multiple of 32 values.
-    const int64_t pairs = (range.kk1 - range.kk0 + kTilePairs - 1) / kTilePairs * kTilePairs;
-    float scale[NM][kMaxPanels];
+    const int64_t pairs = tile_pairs(range);
     for (int m = 0; m < NM; ++m)
       for (int p = 0; p < np; ++p) {
-        const auto* panel = static_cast<const unsigned char*>(tiles[m]) + p * panel_bytes;
-        scale[m][p] = fp8_panel_scales(panel)[kb];
+        const unsigned char* panel = panel_of(m, p);
         const uint8_t* src = panel + header_bytes + range.kk0 * kPairBytes;
-        uint16_t* dst = buffer + (m * kMaxPanels + p) * block_pairs * kPairBytes;
+        uint16_t* dst = buffer + ((m * kMaxPanels + p) * buffer_pairs + (prescale ? range.kk0 : 0)) * kPairBytes;
+        const __m512 scale = _mm512_set1_ps(fp8_panel_scales(panel)[kb]);
         for (int64_t j = 0; j < pairs; j += 2) {
-          __m512i w0, w1;
-          fp8_vbmi::to_bf16x64(_mm512_loadu_si512(src + j * kPairBytes), tables, &w0, &w1);
-          _mm512_store_si512(dst + j * kPairBytes, w0);
-          _mm512_store_si512(dst + (j + 1) * kPairBytes, w1);
+          __m512i w[2];
+          fp8_vbmi::to_bf16x64(_mm512_loadu_si512(src + j * kPairBytes), tables, &w[0], &w[1]);
+          if (prescale)
+            for (__m512i& v : w) {  // bf16 -> f32, times the scale, -> bf16 (RNE)
+              const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+              const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+              v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
+            }
+          _mm512_store_si512(dst + j * kPairBytes, w[0]);
+          _mm512_store_si512(dst + (j + 1) * kPairBytes, w[1]);
         }
       }
+  };
+  // The tile products over pairs [kk0, kk0 + pairs) from the buffer, added times scale[m][p]
+  // into acc.
+  const auto run_tiles = [&](int64_t kk0, int64_t pairs, const float (*scale)[kMaxPanels]) {
     compiler_barrier();
     const int64_t chunks = pairs / kTilePairs;
+    const int64_t offset = prescale ? kk0 : 0;  // of the first pair in the buffer
     for (int m = 0; m < NM; ++m)
       for (int p0 = 0; p0 < np; p0 += 2) {
         const bool two_cols = p0 + 1 < np;
-        const uint16_t* b0 = buffer + (m * kMaxPanels + p0) * block_pairs * kPairBytes;
-        const uint16_t* b1 = b0 + block_pairs * kPairBytes;
+        const uint16_t* b0 = buffer + ((m * kMaxPanels + p0) * buffer_pairs + offset) * kPairBytes;
+        const uint16_t* b1 = b0 + buffer_pairs * kPairBytes;
         for (int64_t r0 = 0; r0 < rows; r0 += kStepRows) {
           const bool two_rows = rows - r0 > kAmxTileM;
-          const uint16_t* a0 = a + r0 * lda + 2 * range.kk0;
+          const uint16_t* a0 = a + r0 * lda + 2 * kk0;
           const uint16_t* a1 = a0 + kAmxTileM * lda;
           _tile_zero(0);
           _tile_zero(1);
@@ -116,6 +146,23 @@ void amx_reduce(const uint16_t* a, int64_t lda, int64_t rows, int64_t K, const v
           }
         }
       }
+  };
+  if (prescale) {
+    for (int64_t kb = 0; kb < h.num_kb; ++kb) convert_block(kb);
+    float ones[NM][kMaxPanels];
+    for (int m = 0; m < NM; ++m)
+      for (int p = 0; p < kMaxPanels; ++p) ones[m][p] = 1.0f;
+    const Fp8PairRange last = fp8_block_pairs(h.num_kb - 1, block_k, K);
+    run_tiles(0, last.kk0 + tile_pairs(last), ones);
+    return;
+  }
+  for (int64_t kb = 0; kb < h.num_kb; ++kb) {
+    convert_block(kb);
+    float scale[NM][kMaxPanels];
+    for (int m = 0; m < NM; ++m)
+      for (int p = 0; p < np; ++p) scale[m][p] = fp8_panel_scales(panel_of(m, p))[kb];
+    const Fp8PairRange range = fp8_block_pairs(kb, block_k, K);
+    run_tiles(range.kk0, tile_pairs(range), scale);
   }
 }
 

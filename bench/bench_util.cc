@@ -2,6 +2,7 @@
 #include "bench/bench_util.h"
 
 #include <benchmark/benchmark.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <random>
 
 #include "dispatch/runtime.h"
+#include "moekit/moekit.h"
 #include "kernels/moe/moe.h"
 #include "reference/numeric.h"
 
@@ -35,7 +37,8 @@ std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float lo, float hi) {
 size_t streaming_buffer_bytes() {
   const int64_t l3 = moekit::topology().l3_bytes;
   const size_t floor_bytes = size_t{1} << 30;
-  return std::max(floor_bytes, static_cast<size_t>(std::max<int64_t>(l3, 0)) * 4);
+  const size_t bytes = std::max(floor_bytes, static_cast<size_t>(std::max<int64_t>(l3, 0)) * 4);
+  return bytes >> 20 << 20;  // whole 1 MiB chunks, the unit read_pass splits the buffer in
 }
 
 namespace {
@@ -59,15 +62,54 @@ Buffer& probe_buffer() {
   return b;
 }
 
-// One pass over the buffer; returns a checksum so the reads cannot be removed.
+// One pass over the buffer with the widest loads the CPU has (the kernels use them too, and
+// narrow loads under-measure the bandwidth); returns a checksum so the reads cannot be removed.
+__attribute__((target("avx512f"))) uint64_t read_chunk_avx512(const unsigned char* p, int64_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i + 256 <= n; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_load_si512(p + i + 192));
+  }
+  const __m512i x = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, x);
+  return lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3] ^ lanes[4] ^ lanes[5] ^ lanes[6] ^ lanes[7];
+}
+
+__attribute__((target("avx2"))) uint64_t read_chunk_avx2(const unsigned char* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i + 128 <= n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  const __m256i x = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), x);
+  return lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3];
+}
+
+uint64_t read_chunk_plain(const unsigned char* p, int64_t n) {
+  const auto* words = reinterpret_cast<const uint64_t*>(p);
+  uint64_t total = 0;
+  for (int64_t i = 0; i < n / 8; ++i) total ^= words[i];
+  return total;
+}
+
 uint64_t read_pass(const Buffer& b, int threads) {
-  const auto* words = reinterpret_cast<const uint64_t*>(b.data.get());
-  const int64_t n = static_cast<int64_t>(b.bytes / 8);
+  constexpr int64_t kChunk = int64_t{1} << 20;  // a multiple of every loop's step
+  const int64_t chunks = static_cast<int64_t>(b.bytes) / kChunk;
+  const moekit_isa level = moekit_detected_isa();
   uint64_t total = 0;
 #pragma omp parallel for schedule(static) reduction(^ : total) num_threads(threads)
-  for (int64_t i = 0; i < n; i += 8) {
-    total ^= words[i] ^ words[i + 1] ^ words[i + 2] ^ words[i + 3] ^ words[i + 4] ^ words[i + 5] ^
-             words[i + 6] ^ words[i + 7];
+  for (int64_t c = 0; c < chunks; ++c) {
+    const unsigned char* p = b.data.get() + c * kChunk;
+    total ^= level >= MOEKIT_ISA_AVX512 ? read_chunk_avx512(p, kChunk)
+             : level >= MOEKIT_ISA_AVX2 ? read_chunk_avx2(p, kChunk)
+                                        : read_chunk_plain(p, kChunk);
   }
   return total;
 }

@@ -71,6 +71,7 @@ const char* moekit_status_name(moekit_status status) {
     case MOEKIT_ERR_OUT_OF_MEMORY: return "out of memory";
     case MOEKIT_ERR_IO: return "i/o error";
     case MOEKIT_ERR_INTERNAL: return "internal error";
+    default: break;  // not a value of the enum
   }
   return "unknown status";
 }
@@ -82,6 +83,7 @@ const char* moekit_dtype_name(moekit_dtype dtype) {
     case MOEKIT_FP8_E4M3: return "fp8";
     case MOEKIT_I32: return "i32";
     case MOEKIT_I64: return "i64";
+    default: break;  // not a value of the enum
   }
   return "unknown dtype";
 }

@@ -125,6 +125,7 @@ const char* moekit_pack_layout_name(moekit_pack_layout layout) {
     case MOEKIT_LAYOUT_PLAIN: return "plain";
     case MOEKIT_LAYOUT_VNNI: return "vnni";
     case MOEKIT_LAYOUT_AMX: return "amx";
+    default: break;  // not a value of the enum
   }
   return "unknown";
 }

@@ -43,7 +43,9 @@ CpuFeatures detect() {
   std::memcpy(vendor + 8, &r0.c, 4);
   f.vendor = vendor;
 
-  if (cpuid(0x80000000u, 0).a >= 0x80000004u) {
+  const unsigned max_extended = cpuid(0x80000000u, 0).a;
+  if (max_extended >= 0x80000001u) f.lzcnt = bit(cpuid(0x80000001u, 0).c, 5);
+  if (max_extended >= 0x80000004u) {
     char brand[49] = {};
     for (unsigned i = 0; i < 3; ++i) {
       Regs r = cpuid(0x80000002u + i, 0);
@@ -70,6 +72,8 @@ CpuFeatures detect() {
   if (max_leaf >= 7) {
     Regs r7 = cpuid(7, 0);
     f.avx2 = bit(r7.b, 5);
+    f.bmi1 = bit(r7.b, 3);
+    f.bmi2 = bit(r7.b, 8);
     f.avx512f = bit(r7.b, 16);
     f.avx512dq = bit(r7.b, 17);
     f.avx512bw = bit(r7.b, 30);
@@ -86,7 +90,9 @@ CpuFeatures detect() {
     f.amx_permitted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }
 
-  const bool avx2 = f.os_avx && f.avx2 && f.fma && f.f16c;
+  // Highway's AVX2 target also assumes BMI1/BMI2/LZCNT (every AVX2 CPU has them, but a
+  // hypervisor may hide them).
+  const bool avx2 = f.os_avx && f.avx2 && f.fma && f.f16c && f.bmi1 && f.bmi2 && f.lzcnt;
   const bool avx512 = avx2 && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
   const bool avx512_bf16 = avx512 && f.avx512_bf16 && f.avx512_vnni;
   // Every AMX CPU also has AVX512-VBMI; the amx level requires it so that amx-level kernels may

@@ -12,7 +12,7 @@ namespace moekit {
 struct CpuFeatures {
   std::string vendor;
   std::string brand;
-  bool avx2 = false, fma = false, f16c = false;
+  bool avx2 = false, fma = false, f16c = false, bmi1 = false, bmi2 = false, lzcnt = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_bf16 = false, avx512_vnni = false, avx512_vbmi = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;

@@ -110,6 +110,7 @@ const char* isa_name(moekit_isa isa) {
     case MOEKIT_ISA_AVX512: return "avx512";
     case MOEKIT_ISA_AVX512_BF16: return "avx512_bf16";
     case MOEKIT_ISA_AMX: return "amx";
+    default: break;  // not a value of the enum
   }
   return "unknown";
 }

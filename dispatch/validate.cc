@@ -12,6 +12,7 @@ size_t dtype_size(moekit_dtype d) {
     case MOEKIT_FP8_E4M3: return 1;
     case MOEKIT_I32: return 4;
     case MOEKIT_I64: return 8;
+    default: break;  // not a value of the enum
   }
   return 0;
 }

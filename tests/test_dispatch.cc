@@ -287,13 +287,17 @@ std::string self_exe() {
   return n > 0 ? std::string(buf, n) : std::string();
 }
 
+// The build tree's moekit-info, or the one beside this binary when the tests were moved (a
+// bundle carried to another machine puts them side by side).
 std::string info_path() {
-#ifdef MOEKIT_INFO_PATH
-  return MOEKIT_INFO_PATH;
-#else
   const std::string exe = self_exe();
-  return exe.substr(0, exe.rfind('/')) + "/../tools/moekit-info";  // the build tree's layout
+  const std::string beside = exe.substr(0, exe.rfind('/')) + "/moekit-info";
+#ifdef MOEKIT_INFO_PATH
+  const std::string built = MOEKIT_INFO_PATH;
+#else
+  const std::string built = exe.substr(0, exe.rfind('/')) + "/../tools/moekit-info";
 #endif
+  return access(built.c_str(), X_OK) == 0 ? built : beside;
 }
 
 // moekit-info --json under `env`, parsed.

@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   report["cpu"] = {{"vendor", f.vendor}, {"brand", f.brand}};
   nlohmann::ordered_json features;
   const std::pair<const char*, bool> flags[] = {
-      {"avx2", f.avx2}, {"fma", f.fma}, {"f16c", f.f16c}, {"avx512f", f.avx512f},
+      {"avx2", f.avx2}, {"fma", f.fma}, {"f16c", f.f16c}, {"bmi1", f.bmi1}, {"bmi2", f.bmi2}, {"lzcnt", f.lzcnt}, {"avx512f", f.avx512f},
       {"avx512bw", f.avx512bw}, {"avx512vl", f.avx512vl}, {"avx512dq", f.avx512dq},
       {"avx512_bf16", f.avx512_bf16}, {"avx512_vnni", f.avx512_vnni}, {"avx512_vbmi", f.avx512_vbmi}, {"amx_tile", f.amx_tile},
       {"amx_bf16", f.amx_bf16}, {"amx_int8", f.amx_int8}, {"os_avx", f.os_avx},

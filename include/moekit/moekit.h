@@ -36,6 +36,7 @@ typedef enum moekit_status {
   MOEKIT_ERR_OUT_OF_MEMORY = 3,
   MOEKIT_ERR_IO = 4,       /* file missing, truncated or corrupt */
   MOEKIT_ERR_INTERNAL = 5, /* a bug: please report */
+  MOEKIT_STATUS_MAX_ENUM = 0x7FFFFFFF, /* not a value: makes every int a valid representation */
 } moekit_status;
 
 typedef enum moekit_dtype {
@@ -44,15 +45,17 @@ typedef enum moekit_dtype {
   MOEKIT_FP8_E4M3 = 2, /* float8_e4m3fn: bias 7, no infinities, 0x7F/0xFF are NaN */
   MOEKIT_I32 = 3,
   MOEKIT_I64 = 4,
+  MOEKIT_DTYPE_MAX_ENUM = 0x7FFFFFFF, /* not a value: makes every int a valid representation */
 } moekit_dtype;
 
 /* Instruction-set levels; each includes the ones below it. */
 typedef enum moekit_isa {
   MOEKIT_ISA_SCALAR = 0,
-  MOEKIT_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
+  MOEKIT_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C (+ BMI1, BMI2, LZCNT) */
   MOEKIT_ISA_AVX512 = 2,      /* AVX-512 F, BW, VL, DQ */
   MOEKIT_ISA_AVX512_BF16 = 3, /* + AVX512-BF16, AVX512-VNNI */
   MOEKIT_ISA_AMX = 4,         /* + AVX512-VBMI, AMX-TILE, AMX-BF16, AMX-INT8, tile state granted */
+  MOEKIT_ISA_MAX_ENUM = 0x7FFFFFFF, /* not a value: makes every int a valid representation */
 } moekit_isa;
 
 #define MOEKIT_MAX_DIMS 4
@@ -136,6 +139,7 @@ MOEKIT_API moekit_status moekit_qk_norm_kv_weight_slice(int64_t num_kv_heads, in
 typedef enum moekit_scoring {
   MOEKIT_SCORING_SOFTMAX = 0,
   MOEKIT_SCORING_SIGMOID = 1,
+  MOEKIT_SCORING_MAX_ENUM = 0x7FFFFFFF, /* not a value: makes every int a valid representation */
 } moekit_scoring;
 
 typedef struct moekit_route_params {
@@ -212,6 +216,7 @@ typedef enum moekit_pack_layout {
   MOEKIT_LAYOUT_PLAIN = 1, /* the checkpoint's row-major layout */
   MOEKIT_LAYOUT_VNNI = 2,  /* bf16 pairs interleaved along K (avx512_bf16 / amx style) */
   MOEKIT_LAYOUT_AMX = 3,   /* tiles for AMX */
+  MOEKIT_LAYOUT_MAX_ENUM = 0x7FFFFFFF, /* not a value: makes every int a valid representation */
 } moekit_pack_layout;
 
 /* Packs once; the source may be freed afterwards. *out must be freed with

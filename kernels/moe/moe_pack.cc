@@ -3,6 +3,7 @@
 // the VNNI layout (see the NOTE in moe_microkernel.h) holds F32 and BF16 weights as the fused-MoE
 // microkernels of every ISA read them.
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -19,6 +20,7 @@ void AlignedFree::operator()(void* p) const { std::free(p); }
 
 AlignedBytes aligned_alloc_bytes(size_t bytes) {
   constexpr size_t kAlign = 64;
+  if (bytes > SIZE_MAX - kAlign) return AlignedBytes();  // the round-up would wrap
   const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   return AlignedBytes(static_cast<unsigned char*>(std::aligned_alloc(kAlign, rounded ? rounded : kAlign)));
 }

@@ -17,10 +17,13 @@ const ImplList<MoeAlignArgs>& moe_align_impls() {
   return impls;
 }
 
-// {name, level, supports, run} of the pipeline with the microkernel `Kernel()`.
-#define MOEKIT_MOE_PIPELINE_ENTRY(Kernel, level)                                           \
+// {name, level, supports, run} of the pipeline with the microkernel `Kernel()`. The name is
+// spelled out (it equals Kernel().name, checked by test_moe) because building the table must
+// run no code compiled for a higher ISA level than the CPU has: Kernel() lives in that ISA's
+// translation unit and is only called once dispatch has checked the level.
+#define MOEKIT_MOE_PIPELINE_ENTRY(Kernel, name, level)                                     \
   {                                                                                         \
-    Kernel().name, level,                                                                   \
+    name, level,                                                                            \
         [](const FusedMoeArgs& a) { return fused_moe_pipeline_supports(Kernel(), a); },     \
         [](const FusedMoeArgs& a) { fused_moe_pipeline(Kernel(), a); }                      \
   }
@@ -46,13 +49,13 @@ const ImplList<FusedMoeArgs>& fused_moe_impls() {
       MOEKIT_MOE_FP8_ENTRY(moe_microkernel_fp8_scalar, "fused_moe_fp8_scalar_vnni",
                            MOEKIT_ISA_SCALAR, fp8_fused_moe_supports),
       {"fused_moe_bf16_amx", MOEKIT_ISA_AMX, fused_moe_amx_supports, fused_moe_amx},  // moe_amx.h
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16),
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512, MOEKIT_ISA_AVX512),
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx512, MOEKIT_ISA_AVX512),
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx2, MOEKIT_ISA_AVX2),
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx2, MOEKIT_ISA_AVX2),
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_scalar, MOEKIT_ISA_SCALAR),
-      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_scalar, MOEKIT_ISA_SCALAR),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512bf16, "fused_moe_bf16_avx512bf16_vnni", MOEKIT_ISA_AVX512_BF16),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx512, "fused_moe_bf16_avx512_vnni", MOEKIT_ISA_AVX512),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx512, "fused_moe_f32_avx512_vnni", MOEKIT_ISA_AVX512),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_avx2, "fused_moe_bf16_avx2_vnni", MOEKIT_ISA_AVX2),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_avx2, "fused_moe_f32_avx2_vnni", MOEKIT_ISA_AVX2),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_bf16_scalar, "fused_moe_bf16_scalar_vnni", MOEKIT_ISA_SCALAR),
+      MOEKIT_MOE_PIPELINE_ENTRY(moe_microkernel_f32_scalar, "fused_moe_f32_scalar_vnni", MOEKIT_ISA_SCALAR),
       {"ref_fused_moe", MOEKIT_ISA_SCALAR, nullptr, ref_fused_moe},
   };
   return impls;

@@ -1,4 +1,4 @@
-# Per-file ISA flags. The library is never built with -march=native: each hand-written
+# Per-file ISA flags. The library is never built for the build machine's own CPU: each hand-written
 # intrinsics file gets exactly the flags of its level, and dispatch decides at run time
 # whether the CPU may execute it. Highway files need no flags (Highway compiles each target
 # with its own attributes).

@@ -98,7 +98,12 @@ struct FusedMoeArgs {
   int64_t topk_ids_stride = 0;
   moekit_dtype topk_ids_dtype = MOEKIT_I32;
   const int32_t* expert_map = nullptr;  // [num_experts] or nullptr
-  moekit_workspace* ws = nullptr;       // at least moe_workspace_size(...) bytes, or nullptr
+  // Shared experts (nullptr: none): every token also goes through each of the
+  // shared->num_experts experts, weighted by shared_scale[m] ([M] f32, nullptr means 1). Same
+  // hidden as `experts`, own inter; never mapped through expert_map.
+  const moekit_experts* shared = nullptr;
+  const float* shared_scale = nullptr;
+  moekit_workspace* ws = nullptr;  // at least moe_workspace_size(...) bytes, or nullptr
   void* out = nullptr;
   int64_t out_stride = 0;
   moekit_dtype out_dtype = MOEKIT_F32;
@@ -106,6 +111,11 @@ struct FusedMoeArgs {
 };
 
 size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int threads);
+// With S shared experts of intermediate size I_s (S = 0: the routed-only size above).
+size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S, int64_t I_s,
+                          int threads);
+// The size for the arguments of one call (its routed and shared handles).
+size_t moe_workspace_size(const FusedMoeArgs& a);
 
 const ImplList<MoeAlignArgs>& moe_align_impls();
 const ImplList<FusedMoeArgs>& fused_moe_impls();

@@ -43,8 +43,8 @@ const Model kModels[] = {{"MiniMaxM2", 0, 0, 1.0f}, {"DeepSeekV3", 8, 4, 2.5f}};
 // inflicts; with more threads only wall time means anything.
 bool single_thread() { return moekit::num_threads() == 1; }
 
-double now_seconds() {
-  if (single_thread()) {
+double now_seconds(bool wall = false) {
+  if (single_thread() && !wall) {
     timespec t;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
@@ -55,20 +55,21 @@ double now_seconds() {
 // Seconds per call: the fastest of several batches, each at least ~20 ms long (the machine is
 // shared: the minimum is the least disturbed figure, and it is taken the same way on both sides
 // of every ratio).
-double seconds_per_call(const std::function<void()>& fn) {
+// `wall` forces wall time (for comparisons across thread counts).
+double seconds_per_call(const std::function<void()>& fn, bool wall = false) {
   fn();  // warm up
   int batch = 1;
   for (;;) {
-    const double t0 = now_seconds();
+    const double t0 = now_seconds(wall);
     for (int i = 0; i < batch; ++i) fn();
-    if (now_seconds() - t0 > 0.02 || batch >= (1 << 20)) break;
+    if (now_seconds(wall) - t0 > 0.02 || batch >= (1 << 20)) break;
     batch *= 2;
   }
   double best = 1e30;
   for (int rep = 0; rep < 7; ++rep) {
-    const double t0 = now_seconds();
+    const double t0 = now_seconds(wall);
     for (int i = 0; i < batch; ++i) fn();
-    best = std::min(best, (now_seconds() - t0) / batch);
+    best = std::min(best, (now_seconds(wall) - t0) / batch);
   }
   return best;
 }
@@ -130,17 +131,20 @@ struct RouterProblem {
   std::vector<float> hidden, gate, logits;
   RouteProblem route;
   RouterTopkArgs args;
-  explicit RouterProblem(int64_t M) : route(kModels[0], M) {
-    hidden = moekit_bench::random_floats(static_cast<size_t>(M * kHidden), 21, -1.0f, 1.0f);
-    gate = moekit_bench::random_floats(static_cast<size_t>(kExperts * kHidden), 22, -0.05f, 0.05f);
-    logits.resize(static_cast<size_t>(M * kExperts));
-    args.H = kHidden;
+  explicit RouterProblem(int64_t M, int64_t E = kExperts, int64_t H = kHidden)
+      : route(kModels[0], M) {
+    hidden = moekit_bench::random_floats(static_cast<size_t>(M * H), 21, -1.0f, 1.0f);
+    gate = moekit_bench::random_floats(static_cast<size_t>(E * H), 22, -0.05f, 0.05f);
+    logits.resize(static_cast<size_t>(M * E));
+    args.H = H;
     args.hidden = hidden.data();
-    args.hidden_stride = kHidden;
+    args.hidden_stride = H;
     args.hidden_dtype = MOEKIT_F32;
     args.gate = gate.data();
-    args.gate_stride = kHidden;
+    args.gate_stride = H;
     args.route = route.args;
+    args.route.E = E;
+    args.route.k = static_cast<int>(std::min<int64_t>(kTopK, E));
   }
   // The unfused baseline: OpenBLAS writes [M, E] logits, then the best routing kernel reads them.
   void openblas_then_route() {
@@ -196,6 +200,26 @@ void BM_RouterOpenBLAS(benchmark::State& state, int64_t M) {
   set_router_counters(state, M, openblas_seconds(M));
 }
 
+// The few-token expert split against the same call on one thread (both in wall time), over
+// gate sizes around the split's work threshold (kRouterSplitMinMacs in topk_route-inl.h):
+// x_vs_one_thread > 1 where the threads pay.
+void BM_RouterSplit(benchmark::State& state, int64_t E, int64_t H, int64_t M) {
+  RouterProblem p(M, E, H);
+  const auto& impl = moekit::choose("router_topk", moekit::router_topk_impls(), p.args);
+  for (auto _ : state) {
+    impl.run(p.args);
+    benchmark::DoNotOptimize(p.route.weights.data());
+  }
+  const int threads = moekit::num_threads();
+  const double own = seconds_per_call([&] { impl.run(p.args); }, true);
+  moekit::set_num_threads(1);
+  const double one = seconds_per_call([&] { impl.run(p.args); }, true);
+  moekit::set_num_threads(threads);
+  state.counters["us_per_call"] = own * 1e6;
+  state.counters["x_vs_one_thread"] = one / own;
+  state.counters["macs"] = static_cast<double>(M * E * H);
+}
+
 const bool registered = [] {
   openblas_set_num_threads(moekit::num_threads());
   benchmark::AddCustomContext("openblas_corename", openblas_get_corename());
@@ -227,6 +251,16 @@ const bool registered = [] {
         ->UseRealTime()
         ->Unit(benchmark::kMicrosecond);
   }
+  const int64_t split_shapes[][3] = {{8, 1024, 1},   {16, 2048, 1},  {32, 2048, 1}, {64, 2048, 1},
+                                     {128, 2048, 1}, {256, 1024, 1}, {256, 3072, 1}, {256, 3072, 2},
+                                     {256, 3072, 3}, {256, 3072, 5}};
+  for (const auto& s : split_shapes)
+    benchmark::RegisterBenchmark(("BM_RouterSplit/E" + std::to_string(s[0]) + "/H" +
+                                  std::to_string(s[1]) + "/" + std::to_string(s[2]))
+                                     .c_str(),
+                                 BM_RouterSplit, s[0], s[1], s[2])
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
   return true;
 }();
 

@@ -558,6 +558,46 @@ TEST_P(RouterTopk, MiniMaxShape) {
   }
 }
 
+// Few tokens split the experts over threads (NOTE [few-token router split]): the logits, ids and
+// weights must have the same bits whatever the thread count, with float inputs whose logits do
+// depend on the summation order. Expert counts leave partial panels and uneven panel splits.
+TEST_P(RouterTopk, SameBitsOnAnyThreadCount) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(impl());
+  struct Shape {
+    int64_t M, E, H;
+  };
+  const Shape shapes[] = {{1, 256, 3072}, {2, 60, 3000}, {3, 13, 5003}, {5, 100, 700},
+                          {1, 7, 16}};
+  uint32_t seed = 500;
+  for (const Shape& s : shapes) {
+    RouterCase c;
+    c.M = s.M;
+    c.E = s.E;
+    c.H = s.H;
+    c.k = static_cast<int>(std::min<int64_t>(s.E, 8));
+    c.bf16 = seed % 2 == 1;
+    c.strided = seed % 3 == 0;
+    c.seed = seed++;
+    const int saved = moekit_num_threads();
+    ASSERT_EQ(moekit_set_num_threads(1), MOEKIT_OK);
+    RouterBuffers one(c);
+    impl().run(one.args);
+    for (int threads : {2, 3, 5}) {
+      ASSERT_EQ(moekit_set_num_threads(threads), MOEKIT_OK);
+      RouterBuffers many(c);
+      impl().run(many.args);
+      const std::string what =
+          std::string(impl().name) + " " + c.str() + " " + std::to_string(threads) + " threads";
+      ASSERT_EQ(std::memcmp(many.logits.data(), one.logits.data(), one.logits.size() * 4), 0)
+          << what << ": logits differ";  // NaN gaps included: memcmp compares bits
+      ASSERT_EQ(many.ids, one.ids) << what;
+      ASSERT_EQ(std::memcmp(many.weights.data(), one.weights.data(), one.weights.size() * 4), 0)
+          << what << ": weights differ";
+    }
+    ASSERT_EQ(moekit_set_num_threads(saved), MOEKIT_OK);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Impls, RouterTopk,
                          testing::ValuesIn(moekit_test::impl_indices(moekit::router_topk_impls())),
                          (moekit_test::impl_test_name<RouterTopkArgs, moekit::router_topk_impls>));

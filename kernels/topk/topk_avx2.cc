@@ -1,7 +1,8 @@
 // Top-k routing and the fused router GEMM with AVX2 + FMA intrinsics: vector scoring arithmetic,
-// key building and selection filtering over 8 experts at a time, and a 3-token x 4-expert
-// dot-product GEMM tile. Tails run as scalar code so that nothing is read past an input's end.
-// The algorithm is in topk_route-inl.h.
+// key building and selection filtering over 8 experts at a time, a 3-token x 4-expert
+// dot-product GEMM tile for few tokens, and a 16-token x 6-expert packed-token (broadcast) tile
+// from 16 tokens per thread. Tails never read past an input's end. The algorithm is in
+// topk_route-inl.h.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -40,7 +41,7 @@ struct Ops {
   static constexpr int kLanes = 8;
   static constexpr int kTileM = 3;
   static constexpr int kTileN = 4;
-  static constexpr int kSplitTokens = kTileM;  // tokens per unit of the thread split
+  static constexpr int kSplitTokens = 16;  // tokens per unit of the thread split
   static constexpr int64_t kChunkH = 1024;
 
   static void load_row(const void* row, bool bf16, int64_t n, float* out) {
@@ -167,6 +168,17 @@ struct Ops {
   }
 };
 
+// The packed-token router path (NOTE [packed-token router GEMM] in topk_route-inl.h; this ISA's
+// kernel below) takes over from this many tokens per thread.
+constexpr int64_t kPackedMinTokens = 16;
+constexpr int kPanelTokens = 16;  // two ymm of tokens
+constexpr int kBcastExperts = 6;  // 12 accumulators + 2 token vectors + 1 broadcast = 15 ymm
+void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel);
+template <int NR>
+void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
+                  int64_t ldo);
+#define MOEKIT_TOPK_PACKED_ROUTER 1
+
 #include "kernels/topk/topk_route-inl.h"
 
 void Ops::make_keys(const float* scores, const float* bias, int64_t n, uint32_t* keys) {
@@ -182,6 +194,97 @@ void Ops::make_keys(const float* scores, const float* bias, int64_t n, uint32_t*
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + e), _mm256_andnot_si256(nan, u));
   }
   for (; e < n; ++e) keys[e] = order_key(bias ? scores[e] + bias[e] : scores[e]);
+}
+
+// ---- packed-token router GEMM: 16-token panels (two ymm), 6 gate rows per tile -----------
+
+// In-register transpose of 8 rows of 8 floats.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // column 0 | 4 of rows i..i+3
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // column 1 | 5
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);  // column 2 | 6
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);  // column 3 | 7
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+// Floats [h, h + n) of a hidden row (n <= 8; missing lanes are zeros, nothing read past n).
+inline __m256 load8(const void* row, bool bf16, int64_t h, int64_t n) {
+  if (bf16) {
+    const uint16_t* p = static_cast<const uint16_t*>(row) + h;
+    __m128i w;
+    if (n >= 8) {
+      w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) uint16_t tail[8] = {};
+      std::memcpy(tail, p, static_cast<size_t>(n) * sizeof(uint16_t));
+      w = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16));
+  }
+  const float* p = static_cast<const float*>(row) + h;
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n));
+}
+
+// Packs tokens [t0, t0 + n) (n <= kPanelTokens; missing tokens are zeros) of hidden into
+// panel[h][kPanelTokens].
+void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel) {
+  const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
+  const size_t elem = bf16 ? 2 : 4;
+  const int64_t H = r.H;
+  for (int half = 0; half < kPanelTokens / 8; ++half) {
+    const void* rows[8];
+    const int64_t first = half * 8;
+    for (int i = 0; i < 8; ++i)
+      rows[i] = first + i < n
+                    ? static_cast<const char*>(r.hidden) + (t0 + first + i) * r.hidden_stride * elem
+                    : nullptr;
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+      const int64_t hn = std::min<int64_t>(8, H - h0);
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = rows[i] ? load8(rows[i], bf16, h0, hn) : _mm256_setzero_ps();
+      transpose8(v);
+      for (int64_t j = 0; j < hn; ++j) _mm256_store_ps(panel + (h0 + j) * kPanelTokens + first, v[j]);
+    }
+  }
+}
+
+// out[j][0..kPanelTokens) = gate row j . every token of the panel, for NR gate rows.
+template <int NR>
+void bcast_tile(const float* const* g, const float* panel, int64_t H, float* out, int64_t ldo) {
+  __m256 acc[NR][2];
+  for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    const __m256 a0 = _mm256_load_ps(panel + h * kPanelTokens);
+    const __m256 a1 = _mm256_load_ps(panel + h * kPanelTokens + 8);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 b = _mm256_broadcast_ss(g[j] + h);
+      acc[j][0] = _mm256_fmadd_ps(a0, b, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(a1, b, acc[j][1]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    _mm256_store_ps(out + j * ldo, acc[j][0]);
+    _mm256_store_ps(out + j * ldo + 8, acc[j][1]);
+  }
+}
+
+template <int NR>
+void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
+                  int64_t ldo) {
+  if constexpr (NR >= 1) {
+    if (nr == NR) return bcast_tile<NR>(g, panel, H, out, ldo);
+    bcast_tile_n<NR - 1>(nr, g, panel, H, out, ldo);
+  }
 }
 
 }  // namespace topk_avx2

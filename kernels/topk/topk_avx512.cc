@@ -171,28 +171,20 @@ struct Ops {
   }
 };
 
-// The packed-token router path (below) takes over from this many tokens per thread.
+// The packed-token router path (NOTE [packed-token router GEMM] in topk_route-inl.h; this ISA's
+// kernel below) takes over from this many tokens per thread.
 constexpr int64_t kPackedMinTokens = 16;
-void router_rows_packed(const RouterTopkArgs& r, int64_t m0, int64_t m1);
+constexpr int kPanelTokens = 32;
+constexpr int kBcastExperts = 12;
+void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel);
+template <int NR>
+void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
+                  int64_t ldo);
 #define MOEKIT_TOPK_PACKED_ROUTER 1
 
 #include "kernels/topk/topk_route-inl.h"
 
-// ---- packed-token router GEMM ------------------------------------------------------------
-//
-// NOTE [packed-token router GEMM]
-// With 16 or more tokens per thread the dot-product tiles (horizontal reductions, two vector
-// loads per FMA pair) lose to an outer-product kernel. The small operand is packed instead of
-// the gate: a panel of kPanelTokens tokens is transposed to [H][kPanelTokens] (16x16 register
-// transposes), and the tile multiplies kBcastExperts gate rows, one broadcast scalar per row and
-// h, by two token vectors: 2 vector loads + kBcastExperts broadcasts per 2 x kBcastExperts FMAs,
-// no reductions, gate rows read in place (sequentially, from L2 after the first panel). The
-// whole H is summed in registers; results go to an expert-major block buffer [E][kBlockTokens]
-// whose columns are then routed token by token.
-
-constexpr int kPanelTokens = 32;
-constexpr int kBcastExperts = 12;
-constexpr int64_t kPackedBlockTokens = 64;  // packed hidden: 64 x H floats (768 KB at H=3072)
+// ---- packed-token router GEMM: 32-token panels (two zmm), 12 gate rows per tile ----------
 
 // In-register transpose of 16 rows of 16 floats.
 inline void transpose16(__m512 r[16]) {
@@ -273,38 +265,6 @@ void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, 
   if constexpr (NR >= 1) {
     if (nr == NR) return bcast_tile<NR>(g, panel, H, out, ldo);
     bcast_tile_n<NR - 1>(nr, g, panel, H, out, ldo);
-  }
-}
-
-void router_rows_packed(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
-  const TopkArgs& a = r.route;
-  const int64_t E = a.E, H = r.H;
-  static thread_local AlignedScratch panel_scratch, logit_scratch;
-  float* panels = panel_scratch.get(static_cast<size_t>(kPackedBlockTokens * H));
-  float* block_logits = logit_scratch.get(static_cast<size_t>(E * kPackedBlockTokens + E));
-  float* row = block_logits + E * kPackedBlockTokens;  // one token's logits, contiguous
-  const float* g[kBcastExperts];
-  RowScratch sc;
-  for (int64_t b0 = m0; b0 < m1; b0 += kPackedBlockTokens) {
-    const int64_t nb = std::min(kPackedBlockTokens, m1 - b0);
-    const int64_t num_panels = (nb + kPanelTokens - 1) / kPanelTokens;
-    for (int64_t p = 0; p < num_panels; ++p)
-      pack_panel(r, b0 + p * kPanelTokens, std::min<int64_t>(kPanelTokens, nb - p * kPanelTokens),
-                 panels + p * H * kPanelTokens);
-    for (int64_t e0 = 0; e0 < E; e0 += kBcastExperts) {
-      const int nr = static_cast<int>(std::min<int64_t>(kBcastExperts, E - e0));
-      for (int j = 0; j < nr; ++j) g[j] = r.gate + (e0 + j) * r.gate_stride;
-      for (int64_t p = 0; p < num_panels; ++p)
-        bcast_tile_n<kBcastExperts>(nr, g, panels + p * H * kPanelTokens, H,
-                                    block_logits + e0 * kPackedBlockTokens + p * kPanelTokens,
-                                    kPackedBlockTokens);
-    }
-    for (int64_t i = 0; i < nb; ++i) {
-      for (int64_t e = 0; e < E; ++e) row[e] = block_logits[e * kPackedBlockTokens + i];
-      if (r.logits_out)
-        std::memcpy(r.logits_out + (b0 + i) * r.logits_out_stride, row, E * sizeof(float));
-      route_row(a, row, false, b0 + i, sc);
-    }
   }
 }
 

@@ -295,51 +295,113 @@ inline int64_t block_tokens(int64_t E) {
   return rows / Ops::kTileM * Ops::kTileM;
 }
 
+// logits[i * ldl + e] = hidden[b0 + i] . gate[e] for nb <= kMaxBlockTokens tokens and the
+// experts [e_begin, e_end). The value of each logit depends only on H's chunking and on the
+// expert's place in its kTileN panel (which fixes its reduction in dot_tile), never on the token
+// tile or on [e_begin, e_end) as long as e_begin is a multiple of kTileN: splitting experts in
+// whole panels gives the bits of the unsplit GEMM. `converted` holds nb x kChunkH floats when
+// hidden is bf16.
+inline void router_gemm(const RouterTopkArgs& r, int64_t b0, int64_t nb, int64_t e_begin,
+                        int64_t e_end, float* logits, int64_t ldl, float* converted) {
+  const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
+  const int64_t H = r.H;
+  const float* a_rows[kMaxBlockTokens];
+  const float* b_rows[Ops::kTileN];
+  for (int64_t i = 0; i < nb; ++i)
+    std::memset(logits + i * ldl + e_begin, 0, static_cast<size_t>(e_end - e_begin) * sizeof(float));
+  for (int64_t h0 = 0; h0 < H; h0 += Ops::kChunkH) {
+    const int64_t hc = std::min<int64_t>(Ops::kChunkH, H - h0);
+    for (int64_t i = 0; i < nb; ++i) {
+      if (bf16) {
+        const uint16_t* src =
+            static_cast<const uint16_t*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
+        Ops::load_row(src, true, hc, converted + i * Ops::kChunkH);
+        a_rows[i] = converted + i * Ops::kChunkH;
+      } else {
+        a_rows[i] = static_cast<const float*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
+      }
+    }
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += Ops::kTileN) {
+      const int nr = static_cast<int>(std::min<int64_t>(Ops::kTileN, e_end - e0));
+      for (int j = 0; j < nr; ++j) b_rows[j] = r.gate + (e0 + j) * r.gate_stride + h0;
+      for (int64_t i0 = 0; i0 < nb; i0 += Ops::kTileM) {
+        const int mr = static_cast<int>(std::min<int64_t>(Ops::kTileM, nb - i0));
+        tile_mn<Ops::kTileM>(mr, nr, a_rows + i0, b_rows, hc, logits + i0 * ldl + e0, ldl);
+      }
+    }
+  }
+}
+
+// Copies row i of the logits to logits_out if asked, and routes it as token m.
+inline void emit_and_route(const RouterTopkArgs& r, const float* row, int64_t m, RowScratch& sc) {
+  if (r.logits_out)
+    std::memcpy(r.logits_out + m * r.logits_out_stride, row,
+                static_cast<size_t>(r.route.E) * sizeof(float));
+  route_row(r.route, row, false, m, sc);
+}
+
+#ifdef MOEKIT_TOPK_PACKED_ROUTER
+// NOTE [packed-token router GEMM]
+// With 16 or more tokens per thread the dot-product tiles (horizontal reductions, two vector
+// loads per FMA pair) lose to an outer-product kernel. The small operand is packed instead of
+// the gate: a panel of kPanelTokens tokens is transposed to [H][kPanelTokens] (register
+// transposes, pack_panel), and the tile (bcast_tile_n) multiplies kBcastExperts gate rows, one
+// broadcast scalar per row and h, by the panel's token vectors: a few vector loads +
+// kBcastExperts broadcasts per (vectors x kBcastExperts) FMAs, no reductions, gate rows read in
+// place (sequentially, from L2 after the first panel). The whole H is summed in registers;
+// results go to an expert-major block buffer [E][kPackedBlockTokens] whose columns are then
+// routed token by token. The ISA file defines kPackedMinTokens, kPanelTokens, kBcastExperts,
+// pack_panel and bcast_tile_n, and MOEKIT_TOPK_PACKED_ROUTER.
+
+constexpr int64_t kPackedBlockTokens = 64;  // packed hidden: 64 x H floats (768 KB at H=3072)
+static_assert(kPackedBlockTokens % kPanelTokens == 0, "whole panels per block");
+
+inline void router_rows_packed(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
+  const int64_t E = r.route.E, H = r.H;
+  static thread_local AlignedScratch panel_scratch, logit_scratch;
+  float* panels = panel_scratch.get(static_cast<size_t>(kPackedBlockTokens * H));
+  float* block_logits = logit_scratch.get(static_cast<size_t>(E * kPackedBlockTokens + E));
+  float* row = block_logits + E * kPackedBlockTokens;  // one token's logits, contiguous
+  const float* g[kBcastExperts];
+  RowScratch sc;
+  for (int64_t b0 = m0; b0 < m1; b0 += kPackedBlockTokens) {
+    const int64_t nb = std::min(kPackedBlockTokens, m1 - b0);
+    const int64_t num_panels = (nb + kPanelTokens - 1) / kPanelTokens;
+    for (int64_t p = 0; p < num_panels; ++p)
+      pack_panel(r, b0 + p * kPanelTokens, std::min<int64_t>(kPanelTokens, nb - p * kPanelTokens),
+                 panels + p * H * kPanelTokens);
+    for (int64_t e0 = 0; e0 < E; e0 += kBcastExperts) {
+      const int nr = static_cast<int>(std::min<int64_t>(kBcastExperts, E - e0));
+      for (int j = 0; j < nr; ++j) g[j] = r.gate + (e0 + j) * r.gate_stride;
+      for (int64_t p = 0; p < num_panels; ++p)
+        bcast_tile_n<kBcastExperts>(nr, g, panels + p * H * kPanelTokens, H,
+                                    block_logits + e0 * kPackedBlockTokens + p * kPanelTokens,
+                                    kPackedBlockTokens);
+    }
+    for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t e = 0; e < E; ++e) row[e] = block_logits[e * kPackedBlockTokens + i];
+      emit_and_route(r, row, b0 + i, sc);
+    }
+  }
+}
+#endif  // MOEKIT_TOPK_PACKED_ROUTER
+
 inline void router_rows(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
 #ifdef MOEKIT_TOPK_PACKED_ROUTER
   // Enough tokens to fill the ISA's packed-token kernel (see router_rows_packed).
   if (m1 - m0 >= kPackedMinTokens) return router_rows_packed(r, m0, m1);
 #endif
-  const TopkArgs& a = r.route;
-  const int64_t E = a.E, H = r.H;
+  const int64_t E = r.route.E;
   const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
   const int64_t block = block_tokens(E);
   static thread_local AlignedScratch logit_scratch, hidden_scratch;
   float* logits = logit_scratch.get(static_cast<size_t>(block * E));
   float* converted = bf16 ? hidden_scratch.get(static_cast<size_t>(block * Ops::kChunkH)) : nullptr;
-  const float* a_rows[kMaxBlockTokens];
-  const float* b_rows[Ops::kTileN];
   RowScratch sc;
   for (int64_t b0 = m0; b0 < m1; b0 += block) {
     const int64_t nb = std::min(block, m1 - b0);
-    std::memset(logits, 0, static_cast<size_t>(nb * E) * sizeof(float));
-    for (int64_t h0 = 0; h0 < H; h0 += Ops::kChunkH) {
-      const int64_t hc = std::min<int64_t>(Ops::kChunkH, H - h0);
-      for (int64_t i = 0; i < nb; ++i) {
-        if (bf16) {
-          const uint16_t* src =
-              static_cast<const uint16_t*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
-          Ops::load_row(src, true, hc, converted + i * Ops::kChunkH);
-          a_rows[i] = converted + i * Ops::kChunkH;
-        } else {
-          a_rows[i] = static_cast<const float*>(r.hidden) + (b0 + i) * r.hidden_stride + h0;
-        }
-      }
-      for (int64_t e0 = 0; e0 < E; e0 += Ops::kTileN) {
-        const int nr = static_cast<int>(std::min<int64_t>(Ops::kTileN, E - e0));
-        for (int j = 0; j < nr; ++j) b_rows[j] = r.gate + (e0 + j) * r.gate_stride + h0;
-        for (int64_t i0 = 0; i0 < nb; i0 += Ops::kTileM) {
-          const int mr = static_cast<int>(std::min<int64_t>(Ops::kTileM, nb - i0));
-          tile_mn<Ops::kTileM>(mr, nr, a_rows + i0, b_rows, hc, logits + i0 * E + e0, E);
-        }
-      }
-    }
-    for (int64_t i = 0; i < nb; ++i) {
-      const float* row = logits + i * E;
-      if (r.logits_out)
-        std::memcpy(r.logits_out + (b0 + i) * r.logits_out_stride, row, E * sizeof(float));
-      route_row(a, row, false, b0 + i, sc);
-    }
+    router_gemm(r, b0, nb, 0, E, logits, E, converted);
+    for (int64_t i = 0; i < nb; ++i) emit_and_route(r, logits + i * E, b0 + i, sc);
   }
 }
 
@@ -349,9 +411,68 @@ inline void router_rows(const RouterTopkArgs& r, int64_t m0, int64_t m1) {
 // so 2 and 3 tokens gain little from a second thread, while 4 tokens do (153 us on one thread).
 constexpr int64_t kRouterParallelMinTokens = 4;
 
+// NOTE [few-token router split]
+// Splitting tokens over threads makes every thread stream the whole gate (3 MB for MiniMax-M2)
+// for its own tokens, which pays only when each thread has a full token tile. With fewer tokens
+// than that (decode, M = 1), the experts are split instead, in whole kTileN panels: each thread
+// computes the logits of its panels for all the tokens into one shared [M, E] buffer (the calling
+// thread's scratch, grown once), so the gate is streamed once by all the threads together. The
+// routing itself then runs on the calling thread after the parallel region, as for one token it
+// always has (a row takes ~1 us, less than waking the threads again). Each logit is the same
+// dot_tile reduction over the same H chunks at the same place in its panel whatever the split,
+// so the results are bit-identical to the single-thread path's (see router_gemm).
+// The thread count follows the work: a thread is worth waking for about kRouterSplitMinMacs
+// multiply-adds (see its comment for the measurement), so tiny E x H stays on one thread.
+
+// Multiply-adds per thread from which the expert split wakes another thread. Measured on a 2-core
+// AVX-512 VM (bench_topk BM_RouterSplit, M = 1, x_vs_one_thread): TODO.
+constexpr int64_t kRouterSplitMinMacs = 64 * 1024;
+
+// Threads for the expert split of M tokens (1: run on the calling thread).
+inline int router_split_threads(int64_t M, int64_t E, int64_t H, int max_threads) {
+  const int64_t panels = (E + Ops::kTileN - 1) / Ops::kTileN;
+  const int64_t by_work = M * E * H / kRouterSplitMinMacs;
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(max_threads), panels, by_work})));
+}
+
+inline void router_split_experts(const RouterTopkArgs& r, int threads) {
+  const int64_t M = r.route.M, E = r.route.E;
+  const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
+  const int64_t panels = (E + Ops::kTileN - 1) / Ops::kTileN;
+  static thread_local AlignedScratch shared_scratch;
+  float* logits = shared_scratch.get(static_cast<size_t>(M * E));
+  auto compute = [&](int64_t p0, int64_t p1) {
+    static thread_local AlignedScratch hidden_scratch;
+    const int64_t block = std::min<int64_t>(M, kMaxBlockTokens);
+    float* converted =
+        bf16 ? hidden_scratch.get(static_cast<size_t>(block * Ops::kChunkH)) : nullptr;
+    const int64_t e_begin = p0 * Ops::kTileN, e_end = std::min(E, p1 * Ops::kTileN);
+    for (int64_t b0 = 0; b0 < M; b0 += block)
+      router_gemm(r, b0, std::min(block, M - b0), e_begin, e_end, logits + b0 * E, E, converted);
+  };
+  if (threads <= 1) {
+    compute(0, panels);
+  } else {
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      compute(panels * t / nt, panels * (t + 1) / nt);
+    }
+  }
+  RowScratch sc;
+  for (int64_t m = 0; m < M; ++m) emit_and_route(r, logits + m * E, m, sc);
+}
+
 inline void router_topk_run(const RouterTopkArgs& r) {
   const int64_t M = r.route.M;
   const int max_threads = num_threads();
+  // Too few tokens for one token tile per thread: split the experts instead (see the NOTE).
+  if (M < static_cast<int64_t>(Ops::kTileM) * max_threads || M < kRouterParallelMinTokens) {
+    const int threads = router_split_threads(M, r.route.E, r.H, max_threads);
+    if (threads > 1) return router_split_experts(r, threads);
+    if (M < kRouterParallelMinTokens) return router_rows(r, 0, M);
+  }
   // Split in units the ISA's best kernel can fill when there are enough tokens for them.
   const int64_t unit = M >= Ops::kSplitTokens * max_threads ? Ops::kSplitTokens : Ops::kTileM;
   const int64_t units = (M + unit - 1) / unit;

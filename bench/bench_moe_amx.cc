@@ -161,20 +161,23 @@ void BM_AmxGemmL2(benchmark::State& state) {
     return;
   }
   constexpr int64_t rows = 128, n = 128, k = kHidden;
-  const auto a = moekit_bench::random_bf16(rows * k, 5);
+  // Row stride of A: k, or k plus state.range(0) elements (a stride of a multiple of 2 KiB puts
+  // a tile's 16 rows in a few L1 sets).
+  const int64_t lda = k + state.range(0);
+  const auto a = moekit_bench::random_bf16(rows * lda, 5);
   const auto w = moekit_bench::random_bf16(n * k, 6);
   std::vector<uint16_t> packed(moekit::amx_packed_bytes(n, k) / 2);
   moekit::vnni_pack_matrix(w.data(), MOEKIT_BF16, n, k, packed.data());
   std::vector<float> c(static_cast<size_t>(rows * n));
   moekit::AmxTileScope tiles;
   for (auto _ : state) {
-    moekit::amx_gemm_bf16(a.data(), k, rows, packed.data(), n, k, c.data(), n);
+    moekit::amx_gemm_bf16(a.data(), lda, rows, packed.data(), n, k, c.data(), n);
     benchmark::DoNotOptimize(c.data());
   }
   state.counters["FLOP/s"] = benchmark::Counter(
       2.0 * rows * n * k * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_AmxGemmL2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_AmxGemmL2)->ArgName("lda_pad")->Arg(0)->Arg(32)->Unit(benchmark::kMicrosecond);
 
 // Registered so that each row count runs avx512bf16 first, then amx (for x_avx512bf16).
 const bool registered = [] {

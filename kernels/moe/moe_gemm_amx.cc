@@ -61,13 +61,16 @@ inline void prefetch_l1(const uint16_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
-// One output step: c (row stride kStepCols floats) = A[rows of kRowTiles tiles] x B tiles.
-// a: first row of the step; b0/b1: the first tile of each weight column block.
+// One output step: C[rows of kRowTiles tiles][kColTiles tiles] over k_blocks K blocks, stored
+// at c (row stride c_stride floats). a: the step's first row; b0/b1: the first tile of each
+// weight column block.
 template <int kRowTiles, int kColTiles>
 inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, const uint16_t* b1,
-                      int64_t k_blocks, float* c) {
+                      int64_t k_blocks, float* c, int64_t c_stride) {
   const long a_bytes = static_cast<long>(a_stride) * 2;
+  const long c_bytes = static_cast<long>(c_stride) * 4;
   const uint16_t* a1 = a + kAmxTileM * a_stride;
+  float* c1 = c + kAmxTileM * c_stride;
   _tile_zero(0);
   if constexpr (kColTiles == 2) _tile_zero(1);
   if constexpr (kRowTiles == 2) _tile_zero(2);
@@ -84,35 +87,39 @@ inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, c
         if constexpr (kColTiles == 2) prefetch_l1(b1 + pk * kAmxTileElems + r * kTileRowBytes / 2);
       }
     }
+    // Each product follows the loads it needs, so that it can start while the next tile loads
+    // (a load into a tile waits for the products still reading it).
     _tile_loadd(4, a + kb * kAmxTileK, a_bytes);
     _tile_loadd(6, b0 + kb * kAmxTileElems, kTileRowBytes);
-    if constexpr (kColTiles == 2) _tile_loadd(7, b1 + kb * kAmxTileElems, kTileRowBytes);
-    if constexpr (kRowTiles == 2) _tile_loadd(5, a1 + kb * kAmxTileK, a_bytes);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (kColTiles == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (kRowTiles == 2) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (kRowTiles == 2 && kColTiles == 2) _tile_dpbf16ps(3, 5, 7);
+    if constexpr (kColTiles == 2) {
+      _tile_loadd(7, b1 + kb * kAmxTileElems, kTileRowBytes);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(5, a1 + kb * kAmxTileK, a_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (kColTiles == 2) _tile_dpbf16ps(3, 5, 7);
+    }
   }
-  constexpr long kCBytes = kStepCols * 4;
-  _tile_stored(0, c, kCBytes);
-  if constexpr (kColTiles == 2) _tile_stored(1, c + kAmxTileN, kCBytes);
-  if constexpr (kRowTiles == 2) _tile_stored(2, c + kAmxTileM * kStepCols, kCBytes);
-  if constexpr (kRowTiles == 2 && kColTiles == 2)
-    _tile_stored(3, c + kAmxTileM * kStepCols + kAmxTileN, kCBytes);
+  _tile_stored(0, c, c_bytes);
+  if constexpr (kColTiles == 2) _tile_stored(1, c + kAmxTileN, c_bytes);
+  if constexpr (kRowTiles == 2) _tile_stored(2, c1, c_bytes);
+  if constexpr (kRowTiles == 2 && kColTiles == 2) _tile_stored(3, c1 + kAmxTileN, c_bytes);
 }
 
 void run_step(int row_tiles, int col_tiles, const uint16_t* a, int64_t a_stride, const uint16_t* b0,
-              const uint16_t* b1, int64_t k_blocks, float* c) {
+              const uint16_t* b1, int64_t k_blocks, float* c, int64_t c_stride = kStepCols) {
   if (row_tiles == 2) {
     if (col_tiles == 2)
-      tile_step<2, 2>(a, a_stride, b0, b1, k_blocks, c);
+      tile_step<2, 2>(a, a_stride, b0, b1, k_blocks, c, c_stride);
     else
-      tile_step<2, 1>(a, a_stride, b0, b1, k_blocks, c);
+      tile_step<2, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride);
   } else {
     if (col_tiles == 2)
-      tile_step<1, 2>(a, a_stride, b0, b1, k_blocks, c);
+      tile_step<1, 2>(a, a_stride, b0, b1, k_blocks, c, c_stride);
     else
-      tile_step<1, 1>(a, a_stride, b0, b1, k_blocks, c);
+      tile_step<1, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride);
   }
 }
 
@@ -269,8 +276,14 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
 // tiles are narrower than ours, so such calls are split into column pieces of its width.
 namespace {
 
-constexpr int64_t kAmxGateUpN = 64;  // 4 column tiles of w1 and of w3 per gate_up item
-constexpr int64_t kAmxDownN = 64;
+// Wide items: every gate_up item reads its segment's A rows, and every down item the whole
+// chunk's intermediate rows, from beyond L2, so the traffic is divided by the item width. 128
+// columns keep an item's A rows and one column block of weights within L2, and leave 24 down
+// items per chunk for MiniMax-M2 (H 3072) to balance over the threads. The weight tiles point
+// into the handle and the kernels use no per-column scratch, so kMoeMaxTileN does not bound
+// them.
+constexpr int64_t kAmxGateUpN = 128;  // 8 column tiles of w1 and of w3 per gate_up item
+constexpr int64_t kAmxDownN = 128;
 constexpr int64_t kAmxBlockM = 128;  // gathered rows fit the pipeline's per-thread scratch
 
 // The segment whose rows this thread's scratch holds, so that the next column tile of the same
@@ -345,8 +358,10 @@ void gather_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, uint16_t* 
   std::memset(a + rows * padded_k, 0, static_cast<size_t>((padded_rows - rows) * padded_k) * 2);
 }
 
-// gate_up for rows [r0, r0 + rows) of the call, already gathered into `a`.
-void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uint16_t* a) {
+// gate_up for rows [r0, r0 + rows) of the call, found at `a` (row stride a_stride, zero
+// padded to amx_padded_k(K), amx_padded_m(rows) rows readable).
+void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uint16_t* a,
+                  int64_t a_stride) {
   const int64_t padded_k = amx_padded_k(call.K);
   const int64_t k_blocks = padded_k / kAmxTileK;
   const size_t panel_elems = static_cast<size_t>(padded_k * kAmxTileN);
@@ -354,20 +369,20 @@ void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uin
   const auto* w1 = static_cast<const uint16_t*>(call.w1);
   const auto* w3 = static_cast<const uint16_t*>(call.w3);
   auto* act = static_cast<uint16_t*>(call.act) + r0 * call.ld_act;
-  alignas(64) float scratch[kStepRows * kStepCols];
+  // The f32 sums of every row step for one column block (gate | up).
+  alignas(64) float sums[kAmxBlockM * kStepCols];
   for (int64_t nb = 0; nb * kAmxTileN < call.n; ++nb) {
     const __mmask16 cols = first_lanes(call.n - nb * kAmxTileN);
-    for (int64_t m0 = 0; m0 < rows; m0 += kStepRows) {
-      const int row_tiles = rows - m0 > kAmxTileM ? 2 : 1;
-      run_step(row_tiles, 2, a + m0 * padded_k, padded_k, w1 + nb * panel_elems,
-               w3 + nb * panel_elems, k_blocks, scratch);
-      const int64_t step_rows = std::min<int64_t>(kStepRows, rows - m0);
-      for (int64_t r = 0; r < step_rows; ++r) {
-        const __m512 v = silu_mul(_mm512_load_ps(scratch + r * kStepCols),
-                                  _mm512_load_ps(scratch + r * kStepCols + kAmxTileN));
-        _mm256_mask_storeu_epi16(act + (m0 + r) * call.ld_act + nb * kAmxTileN, cols,
-                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-      }
+    const uint16_t* gate = w1 + nb * panel_elems;
+    const uint16_t* up = w3 + nb * panel_elems;
+    for (int64_t m0 = 0; m0 < rows; m0 += kStepRows)
+      run_step(rows - m0 > kAmxTileM ? 2 : 1, 2, a + m0 * a_stride, a_stride, gate, up, k_blocks,
+               sums + m0 * kStepCols, kStepCols);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = silu_mul(_mm512_load_ps(sums + r * kStepCols),
+                                _mm512_load_ps(sums + r * kStepCols + kAmxTileN));
+      _mm256_mask_storeu_epi16(act + r * call.ld_act + nb * kAmxTileN, cols,
+                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
 }
@@ -378,20 +393,26 @@ void pipeline_gate_up(const MoeGateUpCall& call) {
   const int64_t fit = static_cast<int64_t>(call.scratch_bytes / row_bytes) / kAmxTileM * kAmxTileM;
   if (!use_amx(call.m) || fit == 0) return gate_up_small(call);
   amx_tile_configure();
+  if (call.a_consecutive) {  // the pipeline wrote the rows in order: tiles load them in place
+    gate_up_rows(call, 0, call.m,
+                 static_cast<const uint16_t*>(call.a) + call.a_rows[0] * call.lda, call.lda);
+    return;
+  }
   auto* a = static_cast<uint16_t*>(call.scratch);
+  const int64_t padded_k = amx_padded_k(call.K);
   if (call.m <= fit) {  // the usual case: the whole segment at once, reusable by the next tile
     if (!t_gathered.same(call)) {
       gather_rows(call, 0, call.m, a);
       t_gathered = GatheredRows{call.a, call.a_rows, call.m, call.lda, call.K, call.scratch};
     }
-    gate_up_rows(call, 0, call.m, a);
+    gate_up_rows(call, 0, call.m, a, padded_k);
     return;
   }
   t_gathered_invalidate();
   for (int64_t r0 = 0; r0 < call.m; r0 += fit) {
     const int64_t rows = std::min(fit, call.m - r0);
     gather_rows(call, r0, rows, a);
-    gate_up_rows(call, r0, rows, a);
+    gate_up_rows(call, r0, rows, a, padded_k);
   }
 }
 
@@ -406,26 +427,26 @@ void pipeline_down(const MoeDownCall& call) {
   const int64_t n_blocks = (call.n + kAmxTileN - 1) / kAmxTileN;
   const auto* act = static_cast<const uint16_t*>(call.act);
   const auto* w2 = static_cast<const uint16_t*>(call.w2);
-  alignas(64) float scratch[kStepRows * kStepCols];
-  for (int64_t nb = 0; nb < n_blocks; nb += 2) {
-    const int col_tiles = nb + 1 < n_blocks ? 2 : 1;
-    for (int64_t m0 = 0; m0 < call.m; m0 += kStepRows) {
-      const int row_tiles = call.m - m0 > kAmxTileM ? 2 : 1;
-      run_step(row_tiles, col_tiles, act + m0 * call.ld_act, call.ld_act, w2 + nb * panel_elems,
-               w2 + (nb + 1) * panel_elems, k_blocks, scratch);
-      const int64_t step_rows = std::min<int64_t>(kStepRows, call.m - m0);
-      for (int64_t r = 0; r < step_rows; ++r) {  // in row order: rows may share a token
-        float* out = call.out + call.out_rows[m0 + r] * call.ld_out;
-        const __m512 weight = _mm512_set1_ps(call.row_weight[m0 + r]);
-        for (int t = 0; t < col_tiles; ++t) {
-          const int64_t n = (nb + t) * kAmxTileN;
-          const __mmask16 mask = first_lanes(call.n - n);
-          const __m512 prev = _mm512_maskz_loadu_ps(mask, out + n);
-          _mm512_mask_storeu_ps(
-              out + n, mask,
-              _mm512_fmadd_ps(weight, _mm512_load_ps(scratch + r * kStepCols + t * kAmxTileN),
-                              prev));
-        }
+  // The f32 sums of one row step for all the call's columns.
+  alignas(64) float sums[kStepRows * kAmxDownN];
+  // Row steps outside: a step's rows are read from beyond L2 once and stay there for every
+  // column block, while the item's weights (n x K) stay in L2 across the steps.
+  for (int64_t m0 = 0; m0 < call.m; m0 += kStepRows) {
+    const int row_tiles = call.m - m0 > kAmxTileM ? 2 : 1;
+    const int64_t step_rows = std::min<int64_t>(kStepRows, call.m - m0);
+    for (int64_t nb = 0; nb < n_blocks; nb += 2)
+      run_step(row_tiles, nb + 1 < n_blocks ? 2 : 1, act + m0 * call.ld_act, call.ld_act,
+               w2 + nb * panel_elems, w2 + (nb + 1) * panel_elems, k_blocks, sums + nb * kAmxTileN,
+               kAmxDownN);
+    for (int64_t r = 0; r < step_rows; ++r) {  // in row order: rows may share a token
+      float* out = call.out + call.out_rows[m0 + r] * call.ld_out;
+      const __m512 weight = _mm512_set1_ps(call.row_weight[m0 + r]);
+      for (int64_t n = 0; n < call.n; n += kAmxTileN) {
+        const __mmask16 mask = first_lanes(call.n - n);
+        const __m512 prev = _mm512_maskz_loadu_ps(mask, out + n);
+        _mm512_mask_storeu_ps(
+            out + n, mask,
+            _mm512_fmadd_ps(weight, _mm512_load_ps(sums + r * kAmxDownN + n), prev));
       }
     }
   }
@@ -441,6 +462,7 @@ const MoeMicrokernel& moe_microkernel_bf16_amx() {
     k.layout = MOEKIT_LAYOUT_AMX;
     k.a_dtype = MOEKIT_BF16;
     k.pad_a = true;
+    k.sorted_a = true;
     k.block_m = kAmxBlockM;
     k.gate_up_n = kAmxGateUpN;
     k.down_n = kAmxDownN;

@@ -176,17 +176,27 @@ void gate_up(const MoeGateUpCall& call) {
   const int np = static_cast<int>((call.n + kMoePanelN - 1) / kMoePanelN);
   // Gather the rows (zero-padded to vnni_padded_k(K) by the pipeline) at a fixed stride, and
   // zero the rows up to a whole tile.
+  // (Rows the pipeline already wrote in order are read in place.)
   const int64_t padded_k = vnni_padded_k(call.K), padded_rows = amx_padded_m(call.m);
-  auto* a = reinterpret_cast<uint16_t*>(fp8_thread_buffer(2, static_cast<size_t>(padded_rows * padded_k) * 2));
   const auto* x = static_cast<const uint16_t*>(call.a);
-  for (int64_t r = 0; r < call.m; ++r)
-    std::memcpy(a + r * padded_k, x + call.a_rows[r] * call.lda, static_cast<size_t>(padded_k) * 2);
-  std::memset(a + call.m * padded_k, 0, static_cast<size_t>((padded_rows - call.m) * padded_k) * 2);
+  const uint16_t* a = x + call.a_rows[0] * call.lda;
+  int64_t lda = call.lda;
+  if (!call.a_consecutive) {
+    auto* gathered = reinterpret_cast<uint16_t*>(
+        fp8_thread_buffer(2, static_cast<size_t>(padded_rows * padded_k) * 2));
+    for (int64_t r = 0; r < call.m; ++r)
+      std::memcpy(gathered + r * padded_k, x + call.a_rows[r] * call.lda,
+                  static_cast<size_t>(padded_k) * 2);
+    std::memset(gathered + call.m * padded_k, 0,
+                static_cast<size_t>((padded_rows - call.m) * padded_k) * 2);
+    a = gathered;
+    lda = padded_k;
+  }
   float* acc_base;
   fp8_moe::row_buffers(call.m, 2, &acc_base);
   float* acc[2] = {acc_base, acc_base + call.m * kTileN};
   const void* tiles[2] = {call.w1, call.w3};
-  amx_reduce<2>(a, padded_k, call.m, call.K, tiles, np, acc);
+  amx_reduce<2>(a, lda, call.m, call.K, tiles, np, acc);
   for (int64_t r = 0; r < call.m; ++r) {
     uint16_t* out = static_cast<uint16_t*>(call.act) + r * call.ld_act;
     const float* g = acc[0] + r * kTileN;
@@ -222,6 +232,7 @@ const MoeMicrokernel& moe_microkernel_fp8_amx() {
     k.layout = MOEKIT_LAYOUT_VNNI;
     k.a_dtype = MOEKIT_BF16;
     k.pad_a = true;
+    k.sorted_a = true;
     k.block_m = 128;
     k.gate_up_n = kTileN;
     k.down_n = kTileN;

@@ -8,6 +8,8 @@
 //      uk.block_m rows.
 //   2. A: hidden is used in place when its dtype is uk.a_dtype (and uk.pad_a is off), else it
 //      is converted once into the workspace ([M, vnni_padded_k(H)], zero padded, bf16 by RNE).
+//      With uk.sorted_a, each chunk's rows are instead converted in sorted row order (one row
+//      per routed pair) so that a segment's rows are consecutive.
 //   3. The rows are processed in chunks of whole segments (at most kMoeChunkRows rows, so the
 //      intermediate buffer stays small); per chunk, inside one OpenMP region:
 //      gate_up phase: work items (segment, column tile of I, gate_up_n wide), dynamic schedule;
@@ -56,6 +58,16 @@ inline size_t vnni_panel_bytes(int64_t K, moekit_dtype dtype) {
 inline size_t vnni_matrix_bytes(int64_t N, int64_t K, moekit_dtype dtype) {
   return static_cast<size_t>(vnni_padded_n(N) / kMoePanelN) * vnni_panel_bytes(K, dtype);
 }
+// Row stride (elements of elem_bytes) of the pipeline's A and intermediate buffers:
+// vnni_padded_k(K) rounded up to an odd number of 64-byte lines, so that consecutive rows fall
+// in different L1 sets (with a stride of a multiple of 2 KiB, such as 3072 bf16, the 16 rows of
+// an AMX tile share two sets; bench_moe_amx BM_AmxGemmL2/lda_pad).
+inline int64_t moe_row_stride(int64_t K, int64_t elem_bytes) {
+  const int64_t per_line = 64 / elem_bytes;
+  int64_t lines = (vnni_padded_k(K) + per_line - 1) / per_line;
+  if (lines % 2 == 0) ++lines;
+  return lines * per_line;
+}
 // Packs row-major src [N][K] (F32 or BF16, row stride K) into the VNNI layout at dst
 // (vnni_matrix_bytes(N, K, dtype) bytes), and reads row n back as f32.
 void vnni_pack_matrix(const void* src, moekit_dtype dtype, int64_t N, int64_t K, void* dst);
@@ -73,6 +85,10 @@ struct MoeGateUpCall {
   const int32_t* a_rows = nullptr;
   int64_t m = 0;  // rows, >= 1 (at most uk.block_m)
   int64_t K = 0;  // H
+  // Set for uk.sorted_a kernels: a_rows[r] == a_rows[0] + r, rows are zero-padded to
+  // vnni_padded_k(K), and 2 * kMoePanelN rows past the last one are readable, so the rows can
+  // be read in place at stride lda (e.g. as AMX A tiles) without gathering them.
+  bool a_consecutive = false;
   const void* w1 = nullptr;
   const void* w3 = nullptr;
   int64_t n = 0;  // columns, 1..uk.gate_up_n
@@ -112,9 +128,16 @@ struct MoeMicrokernel {
   moekit_pack_layout layout;  // the handle's layout this kernel reads
   moekit_dtype a_dtype;       // activations and intermediate: MOEKIT_BF16 or MOEKIT_F32
   bool pad_a;                 // A rows need stride >= vnni_padded_k(K) with zero padding
+  // gate_up wants A in the sorted row order (MoeGateUpCall::a_consecutive): the pipeline then
+  // converts each chunk's rows of hidden into that order once, instead of the kernel gathering
+  // a segment's rows for every column tile. Requires pad_a.
+  bool sorted_a;
   int64_t block_m;            // most rows of one gate_up work item
-  int64_t gate_up_n;          // columns of I per gate_up item (multiple of 16, <= kMoeMaxTileN)
-  int64_t down_n;             // columns of H per down item (multiple of 16, <= kMoeMaxTileN)
+  // Columns of I per gate_up item and of H per down item: multiples of 16, at most
+  // kMoeMaxTileN, or wider for kernels whose weight_tile points into the handle and that use
+  // no per-column scratch (the per-thread scratch is sized for kMoeMaxTileN columns).
+  int64_t gate_up_n;
+  int64_t down_n;
   // The packed tile of columns [n0, n0+n) of matrix `which` of expert e, as the microkernels
   // read it: a pointer into the handle (vnni_weight_tile), or a tile decoded into `scratch`
   // (moe_tile_scratch_bytes(K) bytes, per thread; e.g. FP8 dequantized to bf16 panels).
@@ -136,6 +159,8 @@ const void* vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatrix wh
 // value). Each thread gets three regions of K = max(H, I): the w1 tile (also used for w2), the
 // w3 tile, and MoeGateUpCall/MoeDownCall::scratch.
 size_t moe_tile_scratch_bytes(int64_t K);
+// Bytes of the sorted-A piece of the workspace for `rows` routed rows (see moe_workspace_size).
+size_t moe_sorted_a_bytes(int64_t rows, int64_t H);
 
 // nullptr when the pipeline with `uk` can serve `a` (layout, dtypes), else why not.
 const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a);

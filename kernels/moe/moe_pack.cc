@@ -168,15 +168,15 @@ size_t moe_tile_scratch_bytes(int64_t K) {
 // per token and shared expert; T threads; I_max = max(I, I_s)):
 //   row tables       R * 24 bytes (token, row weight per sorted row; segments; chunks)
 //   converted A      M * vnni_padded_k(H) * 4   (hidden in the kernel's operand dtype)
-//   intermediate     (min(R, kMoeChunkRows) + 16) * vnni_padded_k(I_max) * 4
+//   intermediate     (min(R, kMoeChunkRows) + 16) * moe_row_stride(I_max, 4) * 4
 //   f32 accumulator  M * H * 4                   (for bf16 output)
-//   sorted A         (min(R, kMoeChunkRows) + 32) * (vnni_padded_k(H) * 2 + 4)  (bf16 rows in
+//   sorted A         (min(R, kMoeChunkRows) + 32) * (moe_row_stride(H, 2) * 2 + 4)  (bf16 rows in
 //                    sorted order, and their row indices, for uk.sorted_a kernels)
 //   per thread       3 * moe_tile_scratch_bytes(max(H, I_max))
 // MiniMax-M2 (H 3072, I 1536, k 8) at M = 4096 with 2 threads: about 131 MB.
 size_t moe_sorted_a_bytes(int64_t rows, int64_t H) {
   const int64_t n = std::min<int64_t>(rows, kMoeChunkRows) + 2 * kMoePanelN;
-  return align64(static_cast<size_t>(n * vnni_padded_k(H) * 2)) +
+  return align64(static_cast<size_t>(n * moe_row_stride(H, 2) * 2)) +
          align64(static_cast<size_t>(n * 4));
 }
 
@@ -186,7 +186,7 @@ size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S,
   const int64_t rows = M * (k + S), inter = S > 0 ? std::max(I, I_s) : I;
   const int64_t chunk_rows = std::min<int64_t>(rows, kMoeChunkRows) + kMoePanelN;
   return a64(rows * 4) * 2 + a64(rows * 12) + a64((rows + 1) * 4) +
-         a64(M * vnni_padded_k(H) * 4) + a64(chunk_rows * vnni_padded_k(inter) * 4) +
+         a64(M * vnni_padded_k(H) * 4) + a64(chunk_rows * moe_row_stride(inter, 4) * 4) +
          a64(M * H * 4) + moe_sorted_a_bytes(rows, H) +
          static_cast<size_t>(std::max(threads, 1)) * 3 *
              moe_tile_scratch_bytes(std::max(H, inter));

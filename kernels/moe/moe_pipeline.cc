@@ -87,10 +87,18 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   Segment* segments = carve.take<Segment>(pairs * 12);
   int32_t* chunk_first = carve.take<int32_t>((pairs + 1) * 4);  // first segment of each chunk
   const int64_t padded_h = vnni_padded_k(H), padded_i = vnni_padded_k(I);
+  // Row strides of the sorted A rows and of the intermediate (moe_row_stride: no L1 aliasing).
+  const int64_t ld_sorted = moe_row_stride(H, 2);
+  const int64_t ld_act = moe_row_stride(I, uk.a_dtype == MOEKIT_BF16 ? 2 : 4);
   unsigned char* x_buffer = carve.take<unsigned char>(M * padded_h * 4);
   unsigned char* act = carve.take<unsigned char>(
-      (std::min<int64_t>(pairs, kMoeChunkRows) + kMoePanelN) * padded_i * 4);
+      (std::min<int64_t>(pairs, kMoeChunkRows) + kMoePanelN) * moe_row_stride(I, 4) * 4);
   float* acc_buffer = carve.take<float>(M * H * 4);
+  // Sorted A (uk.sorted_a): a chunk's rows of A in sorted order, with 2 panels of spare rows,
+  // and the row indices 0, 1, ... that address them.
+  const int64_t sorted_capacity = std::min<int64_t>(pairs, kMoeChunkRows) + 2 * kMoePanelN;
+  uint16_t* sorted_x = carve.take<uint16_t>(sorted_capacity * ld_sorted * 2);
+  int32_t* sorted_index = carve.take<int32_t>(sorted_capacity * 4);
   const size_t region = moe_tile_scratch_bytes(std::max(H, I));
   unsigned char* thread_scratch = carve.take<unsigned char>(0);
 
@@ -140,9 +148,15 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
 
   // 2. The A operand.
   const size_t a_size = uk.a_dtype == MOEKIT_BF16 ? 2 : 4;
-  const bool convert_x = a.hidden_dtype != uk.a_dtype || uk.pad_a;
+  // sorted_a kernels (bf16 A, padded) copy bf16 hidden rows straight into sorted order; other
+  // hidden dtypes are converted once into x_buffer first.
+  const bool sorted = uk.sorted_a && uk.a_dtype == MOEKIT_BF16 && uk.pad_a;
+  const bool convert_x = sorted ? a.hidden_dtype != MOEKIT_BF16
+                                : a.hidden_dtype != uk.a_dtype || uk.pad_a;
   const void* x = convert_x ? static_cast<const void*>(x_buffer) : a.hidden;
   const int64_t ldx = convert_x ? padded_h : a.hidden_stride;
+  if (sorted)
+    for (int64_t i = 0; i < sorted_capacity; ++i) sorted_index[i] = static_cast<int32_t>(i);
 
   // Output accumulation: f32 output is accumulated in place, bf16 in the workspace.
   const bool out_f32 = a.out_dtype == MOEKIT_F32;
@@ -183,29 +197,52 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
       const int64_t chunk_segments = chunk_first[c + 1] - chunk_first[c];
       const int64_t row0 = first->start;
 
+      if (sorted) {  // this chunk's rows of A in sorted order, then zeroed spare rows
+        const Segment& last = first[chunk_segments - 1];
+        const int64_t chunk_rows = last.start + last.rows - row0;
+        const auto* src = static_cast<const uint16_t*>(x);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < chunk_rows + 2 * kMoePanelN; ++r) {
+          uint16_t* dst = sorted_x + r * ld_sorted;
+          int64_t copied = 0;
+          if (r < chunk_rows) {
+            std::memcpy(dst, src + row_token[row0 + r] * ldx, static_cast<size_t>(H) * 2);
+            copied = H;
+          }
+          std::fill(dst + copied, dst + padded_h, uint16_t{0});
+        }
+      }
+
       // 3a. gate_up: (segment, column tile of I) items, tiles of one segment adjacent.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < chunk_segments * up_tiles; ++item) {
         const Segment& s = first[item / up_tiles];
         const int64_t n0 = (item % up_tiles) * uk.gate_up_n, n = std::min(uk.gate_up_n, I - n0);
         MoeGateUpCall call;
-        call.a = x;
-        call.lda = ldx;
-        call.a_rows = row_token + s.start;
+        if (sorted) {
+          call.a = sorted_x;
+          call.lda = ld_sorted;
+          call.a_rows = sorted_index + (s.start - row0);
+          call.a_consecutive = true;
+        } else {
+          call.a = x;
+          call.lda = ldx;
+          call.a_rows = row_token + s.start;
+        }
         call.m = s.rows;
         call.K = H;
         call.w1 = uk.weight_tile(w, s.expert, ExpertMatrix::kW1, n0, n, tile_scratch_1);
         call.w3 = uk.weight_tile(w, s.expert, ExpertMatrix::kW3, n0, n, tile_scratch_3);
         call.n = n;
-        unsigned char* act_rows = act + (s.start - row0) * padded_i * a_size;
+        unsigned char* act_rows = act + (s.start - row0) * ld_act * a_size;
         call.act = act_rows + n0 * a_size;
-        call.ld_act = padded_i;
+        call.ld_act = ld_act;
         call.scratch = kernel_scratch;
         call.scratch_bytes = region;
         uk.gate_up(call);
         if (uk.pad_a && n0 + n == I)  // zero the K padding the down kernel may read
           for (int64_t r = 0; r < s.rows; ++r)
-            std::memset(act_rows + (r * padded_i + I) * a_size, 0, (padded_i - I) * a_size);
+            std::memset(act_rows + (r * ld_act + I) * a_size, 0, (padded_i - I) * a_size);
       }
 
       // 3b. down: column tiles of H; each walks the chunk's segments in row order.
@@ -224,8 +261,8 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
             w2_expert = s.expert;
           }
           MoeDownCall call;
-          call.act = act + (s.start - row0) * padded_i * a_size;
-          call.ld_act = padded_i;
+          call.act = act + (s.start - row0) * ld_act * a_size;
+          call.ld_act = ld_act;
           call.m = s.rows;
           call.K = I;
           call.w2 = w2;

@@ -288,6 +288,38 @@ TEST_P(RmsnormTest, ManyRows) {
   }
 }
 
+// Outputs of 8 MiB and more (the kernels' default kLargeTensorBytes) are written with streaming
+// stores from the first vector-aligned element of each row, and the next row's input is
+// prefetched: odd paddings start rows at every alignment, odd widths leave tails, and NaN/Inf
+// weight columns go through the bf16 pairs' rounding.
+TEST_P(RmsnormTest, LargeOutputsWithStreamingStores) {
+  MOEKIT_SKIP_IF_CANNOT_RUN(impl());
+  const struct {
+    int64_t rows, width;
+    moekit_dtype x, y, w;
+    bool bad_weight;
+  } cases[] = {
+      {683, 6147, MOEKIT_BF16, MOEKIT_BF16, MOEKIT_BF16, false},
+      {683, 6147, MOEKIT_BF16, MOEKIT_BF16, MOEKIT_BF16, true},
+      {410, 5125, MOEKIT_F32, MOEKIT_F32, MOEKIT_F32, false},
+      {410, 5125, MOEKIT_BF16, MOEKIT_F32, MOEKIT_BF16, true},
+  };
+  for (const auto& k : cases) {
+    ASSERT_GE(k.rows * k.width * (k.y == MOEKIT_BF16 ? 2 : 4), int64_t{8} << 20);
+    RmsCase c;
+    c.rows = k.rows;
+    c.width = k.width;
+    c.x = k.x;
+    c.y = k.y;
+    c.w = k.w;
+    c.x_pad = 1;
+    c.y_pad = 3;
+    if (k.bad_weight)
+      c.w_gen = [](int64_t, int64_t i) { return i == 100 ? kNaN : i == 1000 ? -kInf : 0.75f; };
+    Check(c);
+  }
+}
+
 TEST_P(RmsnormTest, StridedAndInPlace) {
   MOEKIT_SKIP_IF_CANNOT_RUN(impl());
   for (int64_t width : {7, 64, 3072, 4096 + 13})

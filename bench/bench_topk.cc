@@ -274,7 +274,7 @@ const bool registered = [] {
         ->UseRealTime()
         ->Unit(benchmark::kMicrosecond);
   }
-  const int64_t split_shapes[][3] = {{8, 1024, 1},   {16, 2048, 1},  {32, 2048, 1}, {64, 2048, 1},
+  const int64_t split_shapes[][3] = {{8, 1024, 1},   {16, 2048, 1},  {32, 2048, 1},  {64, 2048, 1},
                                      {128, 2048, 1}, {256, 1024, 1}, {256, 3072, 1}, {256, 3072, 2},
                                      {256, 3072, 3}, {256, 3072, 5}};
   for (const auto& s : split_shapes)

@@ -566,8 +566,7 @@ TEST_P(RouterTopk, SameBitsOnAnyThreadCount) {
   struct Shape {
     int64_t M, E, H;
   };
-  const Shape shapes[] = {{1, 256, 3072}, {2, 60, 3000}, {3, 13, 5003}, {5, 100, 700},
-                          {1, 7, 16}};
+  const Shape shapes[] = {{1, 256, 3072}, {2, 60, 3000}, {3, 13, 5003}, {5, 100, 700}, {1, 7, 16}};
   uint32_t seed = 500;
   for (const Shape& s : shapes) {
     RouterCase c;

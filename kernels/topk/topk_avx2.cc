@@ -206,8 +206,8 @@ inline void transpose8(__m256 r[8]) {
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
   }
   for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // column 0 | 4 of rows i..i+3
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // column 1 | 5
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);          // column 0 | 4 of rows i..i+3
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);      // column 1 | 5
     u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);  // column 2 | 6
     u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);  // column 3 | 7
   }
@@ -251,9 +251,11 @@ void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel) {
     for (int64_t h0 = 0; h0 < H; h0 += 8) {
       const int64_t hn = std::min<int64_t>(8, H - h0);
       __m256 v[8];
-      for (int i = 0; i < 8; ++i) v[i] = rows[i] ? load8(rows[i], bf16, h0, hn) : _mm256_setzero_ps();
+      for (int i = 0; i < 8; ++i)
+        v[i] = rows[i] ? load8(rows[i], bf16, h0, hn) : _mm256_setzero_ps();
       transpose8(v);
-      for (int64_t j = 0; j < hn; ++j) _mm256_store_ps(panel + (h0 + j) * kPanelTokens + first, v[j]);
+      for (int64_t j = 0; j < hn; ++j)
+        _mm256_store_ps(panel + (h0 + j) * kPanelTokens + first, v[j]);
     }
   }
 }

@@ -239,16 +239,24 @@ void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel) {
   }
 }
 
-// out[j][0..kPanelTokens) = gate row j . every token of the panel, for NR gate rows.
+// out[j][0..kPanelTokens) = gate row j . every token of the panel, for NR gate rows. Kept out of
+// line so that its loop gets the general registers to itself (inlined, a row pointer was moved
+// in from a vector register every h, on an FMA port).
 template <int NR>
-void bcast_tile(const float* const* g, const float* panel, int64_t H, float* out, int64_t ldo) {
+__attribute__((noinline)) void bcast_tile(const float* const* g, const float* panel, int64_t H,
+                                          float* out, int64_t ldo) {
   __m512 acc[NR][2];
   for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-  for (int64_t h = 0; h < H; ++h) {
-    const __m512 a0 = _mm512_load_ps(panel + h * kPanelTokens);
-    const __m512 a1 = _mm512_load_ps(panel + h * kPanelTokens + 16);
+  // Gate rows addressed from their ends by a negative index: no loop-bound register, so the row
+  // pointers, the index and the panel pointer fit in the general registers (no reload per h).
+  const float* row_end[NR];
+  for (int j = 0; j < NR; ++j) row_end[j] = g[j] + H;
+  const float* p = panel;
+  for (int64_t h = -H; h != 0; ++h, p += kPanelTokens) {
+    const __m512 a0 = _mm512_load_ps(p);
+    const __m512 a1 = _mm512_load_ps(p + 16);
     for (int j = 0; j < NR; ++j) {
-      const __m512 b = _mm512_set1_ps(g[j][h]);
+      const __m512 b = _mm512_set1_ps(row_end[j][h]);
       acc[j][0] = _mm512_fmadd_ps(a0, b, acc[j][0]);
       acc[j][1] = _mm512_fmadd_ps(a1, b, acc[j][1]);
     }

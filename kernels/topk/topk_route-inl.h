@@ -308,7 +308,8 @@ inline void router_gemm(const RouterTopkArgs& r, int64_t b0, int64_t nb, int64_t
   const float* a_rows[kMaxBlockTokens];
   const float* b_rows[Ops::kTileN];
   for (int64_t i = 0; i < nb; ++i)
-    std::memset(logits + i * ldl + e_begin, 0, static_cast<size_t>(e_end - e_begin) * sizeof(float));
+    std::memset(logits + i * ldl + e_begin, 0,
+                static_cast<size_t>(e_end - e_begin) * sizeof(float));
   for (int64_t h0 = 0; h0 < H; h0 += Ops::kChunkH) {
     const int64_t hc = std::min<int64_t>(Ops::kChunkH, H - h0);
     for (int64_t i = 0; i < nb; ++i) {
@@ -434,8 +435,8 @@ constexpr int64_t kRouterSplitMinMacs = 32 * 1024;
 inline int router_split_threads(int64_t M, int64_t E, int64_t H, int max_threads) {
   const int64_t panels = (E + Ops::kTileN - 1) / Ops::kTileN;
   const int64_t by_work = M * E * H / kRouterSplitMinMacs;
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(max_threads), panels, by_work})));
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(max_threads), panels, by_work})));
 }
 
 inline void router_split_experts(const RouterTopkArgs& r, int threads) {

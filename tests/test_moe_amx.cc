@@ -467,10 +467,12 @@ struct MoeShape {
   int64_t E, H, I, M, k;
 };
 // Around the tiles: H and I below, at and above multiples of 32/16, M from decode to more
-// than one 128-row segment per expert.
+// than one 256-row segment per expert (about 300 and 600 rows) and more than one 4096-row
+// chunk of the pipeline (4200 rows).
 const MoeShape kMoeShapes[] = {
     {4, 32, 16, 1, 2},   {4, 32, 16, 16, 2},  {4, 45, 40, 40, 2},  {3, 70, 64, 33, 3},
     {8, 64, 48, 100, 2}, {2, 96, 33, 150, 1}, {5, 33, 17, 200, 4}, {4, 40, 150, 60, 2},
+    {2, 40, 24, 300, 2}, {2, 33, 20, 800, 1}, {2, 32, 16, 2100, 2},
 };
 
 TEST(FusedMoeAmx, ExactOnSmallIntegersForcedOntoTiles) {

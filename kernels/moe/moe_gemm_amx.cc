@@ -64,9 +64,27 @@ inline void prefetch_l1(const uint16_t* p) {
 // One output step: C[rows of kRowTiles tiles][kColTiles tiles] over k_blocks K blocks, stored
 // at c (row stride c_stride floats). a: the step's first row; b0/b1: the first tile of each
 // weight column block.
+// Lines of weights that the next piece of work will read, pulled into L2 a few per K block
+// while this step computes, so that streaming them from memory overlaps the tile products.
+struct L2Prefetch {
+  const char* p0 = nullptr;  // two ranges of `lines` 64-byte lines each (p1 may be null)
+  const char* p1 = nullptr;
+  int64_t lines = 0;
+  int64_t lines_per_kb = 0;
+};
+
+inline void prefetch_l2_slice(const L2Prefetch& pf, int64_t kb) {
+  const int64_t first = kb * pf.lines_per_kb;
+  const int64_t last = std::min(first + pf.lines_per_kb, pf.lines);
+  for (int64_t l = first; l < last; ++l) {
+    _mm_prefetch(pf.p0 + l * 64, _MM_HINT_T1);
+    if (pf.p1) _mm_prefetch(pf.p1 + l * 64, _MM_HINT_T1);
+  }
+}
+
 template <int kRowTiles, int kColTiles>
 inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, const uint16_t* b1,
-                      int64_t k_blocks, float* c, int64_t c_stride) {
+                      int64_t k_blocks, float* c, int64_t c_stride, const L2Prefetch& pf) {
   const long a_bytes = static_cast<long>(a_stride) * 2;
   const long c_bytes = static_cast<long>(c_stride) * 4;
   const uint16_t* a1 = a + kAmxTileM * a_stride;
@@ -87,6 +105,7 @@ inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, c
         if constexpr (kColTiles == 2) prefetch_l1(b1 + pk * kAmxTileElems + r * kTileRowBytes / 2);
       }
     }
+    if (pf.lines_per_kb) prefetch_l2_slice(pf, kb);
     // Each product follows the loads it needs, so that it can start while the next tile loads
     // (a load into a tile waits for the products still reading it).
     _tile_loadd(4, a + kb * kAmxTileK, a_bytes);
@@ -109,18 +128,34 @@ inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, c
 }
 
 void run_step(int row_tiles, int col_tiles, const uint16_t* a, int64_t a_stride, const uint16_t* b0,
-              const uint16_t* b1, int64_t k_blocks, float* c, int64_t c_stride = kStepCols) {
+              const uint16_t* b1, int64_t k_blocks, float* c, int64_t c_stride = kStepCols,
+              const L2Prefetch& pf = L2Prefetch{}) {
   if (row_tiles == 2) {
     if (col_tiles == 2)
-      tile_step<2, 2>(a, a_stride, b0, b1, k_blocks, c, c_stride);
+      tile_step<2, 2>(a, a_stride, b0, b1, k_blocks, c, c_stride, pf);
     else
-      tile_step<2, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride);
+      tile_step<2, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride, pf);
   } else {
     if (col_tiles == 2)
-      tile_step<1, 2>(a, a_stride, b0, b1, k_blocks, c, c_stride);
+      tile_step<1, 2>(a, a_stride, b0, b1, k_blocks, c, c_stride, pf);
     else
-      tile_step<1, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride);
+      tile_step<1, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride, pf);
   }
+}
+
+// The prefetch slice of row step `step` of `steps` (each of k_blocks K blocks) over two ranges
+// of `lines` lines.
+L2Prefetch prefetch_for_step(const void* p0, const void* p1, int64_t lines, int64_t step,
+                             int64_t steps, int64_t k_blocks) {
+  L2Prefetch pf;
+  if (p0 == nullptr) return pf;
+  const int64_t per_step = (lines + steps - 1) / steps;
+  const int64_t first = std::min(lines, step * per_step);
+  pf.p0 = static_cast<const char*>(p0) + first * 64;
+  pf.p1 = p1 ? static_cast<const char*>(p1) + first * 64 : nullptr;
+  pf.lines = std::min(per_step, lines - first);
+  pf.lines_per_kb = (pf.lines + k_blocks - 1) / k_blocks;
+  return pf;
 }
 
 // Mask of the first n (0..16) lanes.
@@ -267,46 +302,32 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
 
 // ---- the fused-MoE pipeline's AMX microkernel ------------------------------------------------
 //
-// NOTE: the pipeline (moe_pipeline.cc) hands gate_up the rows of one expert segment as indices
-// into the converted activations (pad_a: bf16, rows zero-padded to vnni_padded_k(H)); tileloadd
-// needs rows at a fixed stride, so they are first copied into the thread's scratch (amx_padded_m
-// rows, the padding rows zeroed), and kept there for the next column tile of the same segment.
+// NOTE: the kernel sets sorted_a, so the pipeline (moe_pipeline.cc) writes each chunk's A rows
+// (bf16, zero-padded to vnni_padded_k(H), at a row stride of an odd number of cache lines) in
+// sorted order: a segment's rows are consecutive and tiles load them in place. gate_up walks
+// column blocks (16 columns of w1 and of w3) outside 32-row steps, so a block's weights stay in
+// L2 for every step, and pulls the next block's weights into L2 while it computes; down walks
+// 32-row steps outside column blocks, so a step's intermediate rows stay in L2 for every block,
+// and pulls the next expert's weight tile (MoeDownCall::w2_next) into L2 meanwhile.
 // Segments of fewer than amx_min_rows() rows go to the AVX-512-BF16 microkernel instead: a tile
 // pass costs the same for 1 row as for 16, and the VNNI panels it reads are the same bytes. Its
 // tiles are narrower than ours, so such calls are split into column pieces of its width.
 namespace {
 
 // Wide items: every gate_up item reads its segment's A rows, and every down item the whole
-// chunk's intermediate rows, from beyond L2, so the traffic is divided by the item width. 128
-// columns keep an item's A rows and one column block of weights within L2, and leave 24 down
-// items per chunk for MiniMax-M2 (H 3072) to balance over the threads. The weight tiles point
-// into the handle and the kernels use no per-column scratch, so kMoeMaxTileN does not bound
-// them.
+// chunk's intermediate rows, from beyond L2, so that traffic is divided by the item width.
+// 128 columns keep a gate_up item's A rows and one column block of weights within L2; 96
+// columns give MiniMax-M2 (H 3072) 32 down items per chunk, two whole rounds for 16 threads
+// (128 left 24, one and a half). Segments of up to 256 rows read each expert's weights once
+// per call at M = 4096 (mean 128 rows per expert, often more). Measured with bench_moe on a
+// 16-thread AMX machine (bench/RESULTS.md, "AMX expert matmul"). The weight tiles point into
+// the handle and the kernels use no per-column scratch, so kMoeMaxTileN does not bound them.
 constexpr int64_t kAmxGateUpN = 128;  // 8 column tiles of w1 and of w3 per gate_up item
-constexpr int64_t kAmxDownN = 128;
-constexpr int64_t kAmxBlockM = 128;  // gathered rows fit the pipeline's per-thread scratch
-
-// The segment whose rows this thread's scratch holds, so that the next column tile of the same
-// segment skips the copy (dynamic scheduling often hands a thread neighbouring tiles). Reset
-// when a pipeline call enters and leaves the thread: within one call the activations and the
-// row lists do not change, so equal pointers mean equal rows.
-struct GatheredRows {
-  const void* a = nullptr;
-  const int32_t* rows = nullptr;
-  int64_t m = 0, lda = 0, K = 0;
-  const void* scratch = nullptr;
-  bool same(const MoeGateUpCall& c) const {
-    return a == c.a && rows == c.a_rows && m == c.m && lda == c.lda && K == c.K &&
-           scratch == c.scratch;
-  }
-};
-thread_local GatheredRows t_gathered;
-
-void t_gathered_invalidate() { t_gathered = GatheredRows{}; }
+constexpr int64_t kAmxDownN = 96;
+constexpr int64_t kAmxBlockM = 256;
 
 // Routes a small segment to the AVX-512-BF16 microkernel, `width` columns at a time.
 void gate_up_small(const MoeGateUpCall& call) {
-  t_gathered_invalidate();  // that kernel may use the scratch
   const MoeMicrokernel& small = moe_microkernel_bf16_avx512bf16();
   const size_t panel_bytes = vnni_panel_bytes(call.K, MOEKIT_BF16);
   for (int64_t c0 = 0; c0 < call.n; c0 += small.gate_up_n) {
@@ -321,7 +342,6 @@ void gate_up_small(const MoeGateUpCall& call) {
 }
 
 void down_small(const MoeDownCall& call) {
-  t_gathered_invalidate();  // that kernel may use the scratch
   const MoeMicrokernel& small = moe_microkernel_bf16_avx512bf16();
   const size_t panel_bytes = vnni_panel_bytes(call.K, MOEKIT_BF16);
   for (int64_t c0 = 0; c0 < call.n; c0 += small.down_n) {
@@ -338,25 +358,6 @@ bool use_amx(int64_t rows) {
   return rows >= amx_min_rows() || rows > moe_microkernel_bf16_avx512bf16().block_m;
 }
 
-void pipeline_thread_begin() {
-  t_gathered_invalidate();
-  amx_tile_configure();
-}
-
-void pipeline_thread_end() {
-  t_gathered_invalidate();
-  amx_tile_release();
-}
-
-// Copies rows [r0, r0 + rows) of the call into `a` (padded_k apart, padding rows zeroed).
-void gather_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, uint16_t* a) {
-  const int64_t padded_k = amx_padded_k(call.K), padded_rows = amx_padded_m(rows);
-  const auto* x = static_cast<const uint16_t*>(call.a);
-  for (int64_t r = 0; r < rows; ++r)  // rows are zero-padded to padded_k by the pipeline
-    std::memcpy(a + r * padded_k, x + call.a_rows[r0 + r] * call.lda,
-                static_cast<size_t>(padded_k) * 2);
-  std::memset(a + rows * padded_k, 0, static_cast<size_t>((padded_rows - rows) * padded_k) * 2);
-}
 
 // gate_up for rows [r0, r0 + rows) of the call, found at `a` (row stride a_stride, zero
 // padded to amx_padded_k(K), amx_padded_m(rows) rows readable).
@@ -375,9 +376,14 @@ void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uin
     const __mmask16 cols = first_lanes(call.n - nb * kAmxTileN);
     const uint16_t* gate = w1 + nb * panel_elems;
     const uint16_t* up = w3 + nb * panel_elems;
+    // The next column block's gate and up tiles are pulled into L2 during this one.
+    const bool has_next = (nb + 1) * kAmxTileN < call.n;
+    const int64_t steps = (rows + kStepRows - 1) / kStepRows, block_lines = k_blocks * 16;
     for (int64_t m0 = 0; m0 < rows; m0 += kStepRows)
       run_step(rows - m0 > kAmxTileM ? 2 : 1, 2, a + m0 * a_stride, a_stride, gate, up, k_blocks,
-               sums + m0 * kStepCols, kStepCols);
+               sums + m0 * kStepCols, kStepCols,
+               prefetch_for_step(has_next ? gate + panel_elems : nullptr, up + panel_elems,
+                                 block_lines, m0 / kStepRows, steps, k_blocks));
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 v = silu_mul(_mm512_load_ps(sums + r * kStepCols),
                                 _mm512_load_ps(sums + r * kStepCols + kAmxTileN));
@@ -388,32 +394,11 @@ void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uin
 }
 
 void pipeline_gate_up(const MoeGateUpCall& call) {
-  // Rows whose gathered copy fits the scratch, in whole tiles.
-  const size_t row_bytes = static_cast<size_t>(amx_padded_k(call.K)) * 2;
-  const int64_t fit = static_cast<int64_t>(call.scratch_bytes / row_bytes) / kAmxTileM * kAmxTileM;
-  if (!use_amx(call.m) || fit == 0) return gate_up_small(call);
+  // The pipeline hands this kernel (sorted_a) its rows in order, where tiles load them in place.
+  if (!use_amx(call.m) || !call.a_consecutive) return gate_up_small(call);
   amx_tile_configure();
-  if (call.a_consecutive) {  // the pipeline wrote the rows in order: tiles load them in place
-    gate_up_rows(call, 0, call.m,
-                 static_cast<const uint16_t*>(call.a) + call.a_rows[0] * call.lda, call.lda);
-    return;
-  }
-  auto* a = static_cast<uint16_t*>(call.scratch);
-  const int64_t padded_k = amx_padded_k(call.K);
-  if (call.m <= fit) {  // the usual case: the whole segment at once, reusable by the next tile
-    if (!t_gathered.same(call)) {
-      gather_rows(call, 0, call.m, a);
-      t_gathered = GatheredRows{call.a, call.a_rows, call.m, call.lda, call.K, call.scratch};
-    }
-    gate_up_rows(call, 0, call.m, a, padded_k);
-    return;
-  }
-  t_gathered_invalidate();
-  for (int64_t r0 = 0; r0 < call.m; r0 += fit) {
-    const int64_t rows = std::min(fit, call.m - r0);
-    gather_rows(call, r0, rows, a);
-    gate_up_rows(call, r0, rows, a, padded_k);
-  }
+  gate_up_rows(call, 0, call.m, static_cast<const uint16_t*>(call.a) + call.a_rows[0] * call.lda,
+               call.lda);
 }
 
 void pipeline_down(const MoeDownCall& call) {
@@ -427,6 +412,7 @@ void pipeline_down(const MoeDownCall& call) {
   const int64_t n_blocks = (call.n + kAmxTileN - 1) / kAmxTileN;
   const auto* act = static_cast<const uint16_t*>(call.act);
   const auto* w2 = static_cast<const uint16_t*>(call.w2);
+  const int64_t steps = (call.m + kStepRows - 1) / kStepRows;
   // The f32 sums of one row step for all the call's columns.
   alignas(64) float sums[kStepRows * kAmxDownN];
   // Row steps outside: a step's rows are read from beyond L2 once and stay there for every
@@ -437,7 +423,10 @@ void pipeline_down(const MoeDownCall& call) {
     for (int64_t nb = 0; nb < n_blocks; nb += 2)
       run_step(row_tiles, nb + 1 < n_blocks ? 2 : 1, act + m0 * call.ld_act, call.ld_act,
                w2 + nb * panel_elems, w2 + (nb + 1) * panel_elems, k_blocks, sums + nb * kAmxTileN,
-               kAmxDownN);
+               kAmxDownN,
+               prefetch_for_step(call.w2_next, nullptr, n_blocks * k_blocks * 16,
+                                 (m0 / kStepRows) * ((n_blocks + 1) / 2) + nb / 2,
+                                 steps * ((n_blocks + 1) / 2), k_blocks));
     for (int64_t r = 0; r < step_rows; ++r) {  // in row order: rows may share a token
       float* out = call.out + call.out_rows[m0 + r] * call.ld_out;
       const __m512 weight = _mm512_set1_ps(call.row_weight[m0 + r]);
@@ -467,10 +456,11 @@ const MoeMicrokernel& moe_microkernel_bf16_amx() {
     k.gate_up_n = kAmxGateUpN;
     k.down_n = kAmxDownN;
     k.weight_tile = vnni_weight_tile;
+    k.weight_tile_in_place = true;
     k.gate_up = pipeline_gate_up;
     k.down = pipeline_down;
-    k.thread_begin = pipeline_thread_begin;
-    k.thread_end = pipeline_thread_end;
+    k.thread_begin = amx_tile_configure;
+    k.thread_end = amx_tile_release;
     return k;
   }();
   return uk;

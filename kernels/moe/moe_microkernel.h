@@ -115,6 +115,9 @@ struct MoeDownCall {
   float* out = nullptr;  // already offset to column n0
   int64_t ld_out = 0;
   const int32_t* out_rows = nullptr;
+  // The weights the same thread's next down call will read (the tile of the next expert in the
+  // item), or null: a kernel may pull them toward the cache while it computes.
+  const void* w2_next = nullptr;
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
 };
@@ -143,6 +146,9 @@ struct MoeMicrokernel {
   // (moe_tile_scratch_bytes(K) bytes, per thread; e.g. FP8 dequantized to bf16 panels).
   const void* (*weight_tile)(const moekit_experts& w, int64_t e, ExpertMatrix which, int64_t n0,
                              int64_t n, void* scratch);
+  // weight_tile returns pointers into the handle and uses no scratch, so the pipeline may also
+  // ask it for the tile of a later call (MoeDownCall::w2_next).
+  bool weight_tile_in_place;
   void (*gate_up)(const MoeGateUpCall& call);
   void (*down)(const MoeDownCall& call);
   // Optional (may be null): run by each thread on entering / leaving the parallel region

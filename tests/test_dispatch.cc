@@ -21,6 +21,7 @@
 #include "dispatch/registry.h"
 #include "dispatch/runtime.h"
 #include "kernels/moe/moe.h"
+#include "kernels/moe/moe_amx.h"
 #include "kernels/rmsnorm/rmsnorm.h"
 #include "kernels/topk/topk.h"
 #include "moekit/moekit.h"
@@ -363,6 +364,18 @@ TEST(MoekitInfo, JsonReportHasTheDocumentedShape) {
       EXPECT_TRUE(pick.at("case").is_string());
       EXPECT_TRUE(pick.at("dtype").is_string());
       EXPECT_TRUE(pick.at("name").is_string());
+      // AMX fused-MoE picks say which microkernel their expert segments take.
+      const std::string name = pick.at("name").get<std::string>();
+      const bool amx_moe = op.at("op") == "fused_moe" && name.find("_amx") != std::string::npos;
+      EXPECT_EQ(pick.contains("note"), amx_moe) << name;
+      if (amx_moe) {
+        const std::string note = pick.at("note").get<std::string>();
+        // Decode has 1 row per segment; prefill (M=4096, k=8, E=256) 128.
+        const bool decode = pick.at("case").get<std::string>().find("M=1") != std::string::npos;
+        const moekit_dtype weights = pick.at("dtype") == "fp8" ? MOEKIT_FP8_E4M3 : MOEKIT_BF16;
+        const bool tiles = (decode ? 1 : 128) >= moekit::amx_min_rows_for(weights);
+        EXPECT_NE(note.find(tiles ? "AMX tiles" : "avx512"), std::string::npos) << note;
+      }
     }
   }
   EXPECT_GT(check_choices(r, moekit_detected_isa()), 0);

@@ -1,8 +1,11 @@
 // Builds argument descriptions of MiniMax-M2 shapes (no data) and asks each dispatch table.
 #include "tools/dispatch_cases.h"
 
+#include <algorithm>
+
 #include "dispatch/registry.h"
 #include "kernels/moe/moe.h"
+#include "kernels/moe/moe_amx.h"
 #include "kernels/rmsnorm/rmsnorm.h"
 #include "kernels/topk/topk.h"
 
@@ -106,7 +109,20 @@ std::vector<ChosenImpl> choose_for_minimax_cases() {
       m.hidden_dtype = m.out_dtype = MOEKIT_BF16;
       m.topk_weights_stride = m.topk_ids_stride = kTopK;
       m.threads = num_threads();
-      out.push_back({"fused_moe", s.name, moekit_dtype_name(wt), choose("fused_moe", fused_moe_impls(), m).name});
+      const char* impl = choose("fused_moe", fused_moe_impls(), m).name;
+      std::string note;
+      if (std::string(impl).find("_amx") != std::string::npos) {
+        // The AMX entries send each expert segment below a row threshold to an AVX-512
+        // microkernel; with uniform routing a segment has about M * k / E rows.
+        const int64_t rows = std::max<int64_t>(1, (s.M * kTopK + kExperts - 1) / kExperts);
+        const int64_t min_rows = amx_min_rows_for(wt);
+        note = "expert segments of about " + std::to_string(rows) + " row(s) run on " +
+               (rows >= min_rows ? std::string("AMX tiles")
+                                 : std::string(wt == MOEKIT_FP8_E4M3 ? "avx512vbmi" : "avx512bf16") +
+                                       " (AMX from " + std::to_string(min_rows) +
+                                       " rows, MOEKIT_AMX_MIN_ROWS)");
+      }
+      out.push_back({"fused_moe", s.name, moekit_dtype_name(wt), impl, note});
     }
   }
   return out;

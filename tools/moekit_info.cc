@@ -72,7 +72,11 @@ int main(int argc, char** argv) {
     entry["implementations"] = impls;
     nlohmann::ordered_json picks = nlohmann::ordered_json::array();
     for (const auto& c : chosen)
-      if (c.op == op) picks.push_back({{"case", c.case_name}, {"dtype", c.dtype}, {"name", c.impl}});
+      if (c.op == op) {
+        nlohmann::ordered_json pick = {{"case", c.case_name}, {"dtype", c.dtype}, {"name", c.impl}};
+        if (!c.note.empty()) pick["note"] = c.note;
+        picks.push_back(pick);
+      }
     entry["chosen"] = picks;
     ops.push_back(entry);
   }
@@ -100,9 +104,11 @@ int main(int argc, char** argv) {
     for (const auto& impl : entry["implementations"])
       std::printf("    %-36s needs %s\n", impl["name"].get<std::string>().c_str(),
                   impl["level"].get<std::string>().c_str());
-    for (const auto& pick : entry["chosen"])
+    for (const auto& pick : entry["chosen"]) {
       std::printf("  -> %-40s %-5s %s\n", pick["case"].get<std::string>().c_str(),
                   pick["dtype"].get<std::string>().c_str(), pick["name"].get<std::string>().c_str());
+      if (pick.contains("note")) std::printf("       %s\n", pick["note"].get<std::string>().c_str());
+    }
   }
   return 0;
 }

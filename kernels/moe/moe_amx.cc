@@ -2,6 +2,7 @@
 // threshold between the AMX and the AVX-512-BF16 microkernels, and the fused_moe table entry.
 #include "kernels/moe/moe_amx.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -43,6 +44,10 @@ int64_t amx_min_rows() {
 }
 
 void amx_set_min_rows(int64_t rows) { g_min_rows_override.store(rows > 0 ? rows : 0); }
+
+int64_t amx_min_rows_for(moekit_dtype weights) {
+  return weights == MOEKIT_FP8_E4M3 ? std::max<int64_t>(1, amx_min_rows() / 4) : amx_min_rows();
+}
 
 const char* fused_moe_amx_supports(const FusedMoeArgs& a) {
   if (a.experts == nullptr) return "no experts";

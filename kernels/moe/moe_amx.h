@@ -108,6 +108,9 @@ constexpr int64_t kAmxDefaultMinRows = 8;
 int64_t amx_min_rows();
 // Overrides the threshold for this process (benchmarks, tests); n <= 0 removes the override.
 void amx_set_min_rows(int64_t rows);
+// The threshold for `weights` (BF16 or FP8_E4M3): FP8 moves to the tiles at a quarter of it,
+// since its AVX-512 path pays a conversion per weight that the tiles share over the rows.
+int64_t amx_min_rows_for(moekit_dtype weights);
 
 // The AMX microkernel of the pipeline (moe_gemm_amx.cc); layout MOEKIT_LAYOUT_AMX.
 const MoeMicrokernel& moe_microkernel_bf16_amx();

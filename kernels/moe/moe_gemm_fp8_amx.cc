@@ -167,8 +167,8 @@ void amx_reduce(const uint16_t* a, int64_t lda, int64_t rows, int64_t K, const v
 }
 
 // The AVX-512 FP8 path pays a conversion per weight that the AMX path shares by up to 16 rows,
-// so FP8 moves to the tiles at a quarter of the bf16 threshold (4 rows by default).
-bool use_amx(int64_t rows) { return rows >= std::max<int64_t>(1, amx_min_rows() / 4); }
+// so FP8 moves to the tiles at a quarter of the bf16 threshold (2 rows by default).
+bool use_amx(int64_t rows) { return rows >= amx_min_rows_for(MOEKIT_FP8_E4M3); }
 
 void gate_up(const MoeGateUpCall& call) {
   if (!use_amx(call.m)) return moe_microkernel_fp8_avx512vbmi().gate_up(call);

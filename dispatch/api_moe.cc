@@ -55,6 +55,12 @@ moekit_status check_expert_map(const Checker& c, const moekit_tensor* map, int64
   return MOEKIT_OK;
 }
 
+moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
+                              const moekit_experts* shared, const moekit_tensor* shared_scale,
+                              const moekit_tensor* hidden, const moekit_tensor* topk_weights,
+                              const moekit_tensor* topk_ids, const moekit_tensor* expert_map,
+                              moekit_workspace* ws, moekit_tensor* out);
+
 }  // namespace
 
 extern "C" {
@@ -230,7 +236,41 @@ moekit_status moekit_fused_moe(const moekit_experts* experts, const moekit_tenso
                                const moekit_tensor* topk_weights, const moekit_tensor* topk_ids,
                                const moekit_tensor* expert_map, moekit_workspace* ws,
                                moekit_tensor* out) {
-  Checker c("moekit_fused_moe");
+  return fused_moe_entry(Checker("moekit_fused_moe"), experts, nullptr, nullptr, hidden,
+                         topk_weights, topk_ids, expert_map, ws, out);
+}
+
+moekit_status moekit_fused_moe_shared(const moekit_experts* experts, const moekit_experts* shared,
+                                      const moekit_tensor* shared_scale,
+                                      const moekit_tensor* hidden,
+                                      const moekit_tensor* topk_weights,
+                                      const moekit_tensor* topk_ids,
+                                      const moekit_tensor* expert_map, moekit_workspace* ws,
+                                      moekit_tensor* out) {
+  return fused_moe_entry(Checker("moekit_fused_moe_shared"), experts, shared, shared_scale,
+                         hidden, topk_weights, topk_ids, expert_map, ws, out);
+}
+
+size_t moekit_moe_workspace_size_shared(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S,
+                                        int64_t I_s, int threads) {
+  if (S == 0) return moekit_moe_workspace_size(M, k, H, I, threads);
+  if (S < 0 || S > kMaxExperts || I_s < 1 || I_s > (1 << 20)) return 0;
+  if (moekit_moe_workspace_size(M, k, H, I, threads) == 0) return 0;  // M, k, H, I out of range
+  if (M > 0 && (k + S > kMaxElements / M || I_s > kMaxElements / M)) return 0;
+  return moe_workspace_size(M, k, H, I, S, I_s, threads > 0 ? threads : num_threads());
+}
+
+}  // extern "C"
+
+namespace {
+
+// The checks and the dispatch of moekit_fused_moe and moekit_fused_moe_shared (shared and
+// shared_scale null for the former).
+moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
+                              const moekit_experts* shared, const moekit_tensor* shared_scale,
+                              const moekit_tensor* hidden, const moekit_tensor* topk_weights,
+                              const moekit_tensor* topk_ids, const moekit_tensor* expert_map,
+                              moekit_workspace* ws, moekit_tensor* out) {
   if (experts == nullptr) return c.invalid("experts", "is NULL");
   if (moekit_status s = c.tensor("hidden", hidden, 2, {MOEKIT_F32, MOEKIT_BF16})) return s;
   if (moekit_status s = c.dims("hidden", hidden, {-1, experts->hidden})) return s;
@@ -255,12 +295,33 @@ moekit_status moekit_fused_moe(const moekit_experts* experts, const moekit_tenso
   if (moekit_status s = c.dims("out", out, {M, experts->hidden})) return s;
   if (overlaps(out, hidden) || overlaps(out, topk_weights) || overlaps(out, topk_ids))
     return c.invalid("out", "overlaps an input in memory");
+  if (shared == nullptr) shared_scale = nullptr;  // documented: ignored without shared experts
+  if (shared != nullptr) {
+    if (shared->hidden != experts->hidden)
+      return c.invalid("shared", "hidden = " + std::to_string(shared->hidden) +
+                                     " differs from the routed experts' hidden = " +
+                                     std::to_string(experts->hidden));
+    if (M > 0 && shared->num_experts > (int64_t{1} << 30) / M)
+      return c.invalid("shared", std::to_string(shared->num_experts) +
+                                     " shared experts are too many for " + std::to_string(M) +
+                                     " tokens");
+  }
+  if (shared_scale != nullptr) {
+    if (moekit_status s = c.tensor("shared_scale", shared_scale, 1, {MOEKIT_F32})) return s;
+    if (moekit_status s = c.dims("shared_scale", shared_scale, {M})) return s;
+    if (overlaps(out, shared_scale)) return c.invalid("out", "overlaps shared_scale in memory");
+  }
   const int threads = num_threads();
   if (ws != nullptr) {
-    const size_t need = moe_workspace_size(M, k, experts->hidden, experts->inter, threads);
+    const size_t need =
+        shared ? moe_workspace_size(M, k, experts->hidden, experts->inter, shared->num_experts,
+                                    shared->inter, threads)
+               : moe_workspace_size(M, k, experts->hidden, experts->inter, threads);
     if (ws->bytes < need)
       return c.invalid("ws", "holds " + std::to_string(ws->bytes) + " bytes, the call needs " +
-                                 std::to_string(need) + " (moekit_moe_workspace_size)");
+                                 std::to_string(need) +
+                                 (shared ? " (moekit_moe_workspace_size_shared)"
+                                         : " (moekit_moe_workspace_size)"));
   }
   FusedMoeArgs a;
   a.experts = experts;
@@ -275,6 +336,8 @@ moekit_status moekit_fused_moe(const moekit_experts* experts, const moekit_tenso
   a.topk_ids_stride = stride_of(topk_ids, 0);
   a.topk_ids_dtype = topk_ids->dtype;
   a.expert_map = expert_map ? static_cast<const int32_t*>(expert_map->data) : nullptr;
+  a.shared = shared;
+  a.shared_scale = shared_scale ? static_cast<const float*>(shared_scale->data) : nullptr;
   a.ws = ws;
   a.out = out->data;
   a.out_stride = stride_of(out, 0);
@@ -284,4 +347,4 @@ moekit_status moekit_fused_moe(const moekit_experts* experts, const moekit_tenso
   return MOEKIT_OK;
 }
 
-}  // extern "C"
+}  // namespace

@@ -249,6 +249,25 @@ MOEKIT_API moekit_status moekit_fused_moe(const moekit_experts* experts,
                                           const moekit_tensor* expert_map,
                                           moekit_workspace* ws, moekit_tensor* out);
 
+/* moekit_fused_moe plus S shared experts (DeepSeek, Qwen-MoE) in the same call:
+ *   out[m] += shared_scale[m] * sum over s < S of w2_s . (silu(w1_s . x_m) * (w3_s . x_m)).
+ * shared: S = shared->num_experts experts packed with moekit_experts_pack (the routed hidden
+ *   H, their own inter I_s), or NULL: then this is moekit_fused_moe and shared_scale is
+ *   ignored. Fast kernels serve shared experts packed with the routed handle's dtype and layout
+ *   (and FP8 block sizes); other handles are computed by the reference.
+ * shared_scale: [M] f32 (e.g. Qwen's sigmoid(shared_expert_gate . x_m)) or NULL for 1.
+ * The shared experts are not mapped through expert_map: they are computed on every rank that
+ * passes them. With expert parallelism, pass them on one rank only (NULL on the others).
+ * ws: at least moekit_moe_workspace_size_shared(M, k, H, I, S, I_s, threads) bytes, or NULL. */
+MOEKIT_API moekit_status moekit_fused_moe_shared(
+    const moekit_experts* experts, const moekit_experts* shared, const moekit_tensor* shared_scale,
+    const moekit_tensor* hidden, const moekit_tensor* topk_weights, const moekit_tensor* topk_ids,
+    const moekit_tensor* expert_map, moekit_workspace* ws, moekit_tensor* out);
+/* Workspace bytes for moekit_fused_moe_shared with S shared experts of inter I_s (S = 0: the
+ * same as moekit_moe_workspace_size); 0 for arguments out of range. */
+MOEKIT_API size_t moekit_moe_workspace_size_shared(int64_t M, int64_t k, int64_t H, int64_t I,
+                                                   int64_t S, int64_t I_s, int threads);
+
 /* ---- dispatch introspection -------------------------------------------------------------- */
 
 /* Ops known to the registry: "rmsnorm", "fused_add_rmsnorm", "qk_norm", "topk_route",

@@ -75,6 +75,15 @@ inline Workspace make_workspace(int64_t M, int64_t k, int64_t H, int64_t I) {
   return Workspace(raw);
 }
 
+// The same with S shared experts of intermediate size I_s.
+inline Workspace make_workspace(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S,
+                                int64_t I_s) {
+  moekit_workspace* raw = nullptr;
+  check(moekit_workspace_create(
+      moekit_moe_workspace_size_shared(M, k, H, I, S, I_s, moekit_num_threads()), &raw));
+  return Workspace(raw);
+}
+
 inline void rmsnorm(const moekit_tensor& x, const moekit_tensor& weight, float eps,
                     moekit_tensor& y) {
   check(moekit_rmsnorm(&x, &weight, eps, &y));
@@ -111,6 +120,17 @@ inline void fused_moe(const Experts& experts, const moekit_tensor& hidden,
                       const moekit_tensor* expert_map, moekit_workspace* ws,
                       moekit_tensor& out) {
   check(moekit_fused_moe(experts.get(), &hidden, &topk_weights, &topk_ids, expert_map, ws, &out));
+}
+
+// With shared experts (may be null: then as fused_moe); shared_scale, expert_map and ws may be
+// null.
+inline void fused_moe_shared(const Experts& experts, const moekit_experts* shared,
+                             const moekit_tensor* shared_scale, const moekit_tensor& hidden,
+                             const moekit_tensor& topk_weights, const moekit_tensor& topk_ids,
+                             const moekit_tensor* expert_map, moekit_workspace* ws,
+                             moekit_tensor& out) {
+  check(moekit_fused_moe_shared(experts.get(), shared, shared_scale, &hidden, &topk_weights,
+                                &topk_ids, expert_map, ws, &out));
 }
 
 }  // namespace moekit

@@ -5,7 +5,10 @@
 //   1. align: the routed (token, slot) pairs are counting-sorted by local expert (experts
 //      ascending, pairs in (token, slot) order within an expert; map -1 skipped). Rows are
 //      compact (no padding rows); each expert's rows are cut into work segments of at most
-//      uk.block_m rows.
+//      uk.block_m rows. Shared experts (args.shared, S of them) follow as local experts E..E+S-1
+//      with one row per token (row weight shared_scale[m] or 1), after every routed row; their
+//      segments carry their own inter I_s (gate_up tiles of I_s, down K = I_s), and act rows
+//      are wide enough for max(I, I_s).
 //   2. A: hidden is used in place when its dtype is uk.a_dtype (and uk.pad_a is off), else it
 //      is converted once into the workspace ([M, vnni_padded_k(H)], zero padded, bf16 by RNE).
 //      With uk.sorted_a, each chunk's rows are instead converted in sorted row order (one row

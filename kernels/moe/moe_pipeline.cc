@@ -17,7 +17,17 @@ namespace {
 struct Segment {
   int32_t start;  // first sorted row
   int32_t rows;
-  int32_t expert;  // local expert
+  int32_t expert;  // local expert; E + s for shared expert s (see ExpertList)
+};
+
+// The routed handle's E experts followed by the shared handle's S, as one list of local experts.
+struct ExpertList {
+  const moekit_experts& routed;
+  const moekit_experts* shared;
+  int64_t E;
+  const moekit_experts& handle(int64_t e) const { return e < E ? routed : *shared; }
+  int64_t index(int64_t e) const { return e < E ? e : e - E; }  // within its handle
+  int64_t inter(int64_t e) const { return e < E ? routed.inter : shared->inter; }
 };
 
 int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
@@ -69,7 +79,18 @@ const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoe
   if ((a.hidden_dtype != MOEKIT_F32 && a.hidden_dtype != MOEKIT_BF16) ||
       (a.out_dtype != MOEKIT_F32 && a.out_dtype != MOEKIT_BF16))
     return "hidden and out must be f32 or bf16";
-  if (a.M * a.k > (int64_t{1} << 30)) return "too many routed pairs for 32-bit row indices";
+  if (a.shared != nullptr) {
+    const moekit_experts& s = *a.shared;
+    if (s.dtype != a.experts->dtype || s.layout != a.experts->layout)
+      return "shared experts need the routed experts' dtype and layout";
+    if (s.dtype == MOEKIT_FP8_E4M3 &&
+        (s.block_n != a.experts->block_n || s.block_k != a.experts->block_k))
+      return "shared experts need the routed experts' fp8 block sizes";
+    if (s.hidden != a.experts->hidden) return "shared experts need the routed hidden size";
+  }
+  const int64_t shared_experts = a.shared ? a.shared->num_experts : 0;
+  if (a.M > 0 && a.k + shared_experts > (int64_t{1} << 30) / a.M)
+    return "too many rows for 32-bit row indices";
   return nullptr;
 }
 
@@ -77,8 +98,13 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   const moekit_experts& w = *a.experts;
   const int64_t M = a.M, k = a.k, H = w.hidden, I = w.inter, E = w.num_experts;
   const int threads = std::max(a.threads, 1);
-  const int64_t pairs = M * k;
-  const size_t ws_bytes = moe_workspace_size(M, k, H, I, threads);
+  // Shared experts are S more local experts after the routed ones, with one row per token
+  // (row weight shared_scale[m] or 1): their rows sort after every routed row, so the one-writer,
+  // row-ordered accumulation below covers them unchanged.
+  const int64_t S = a.shared ? a.shared->num_experts : 0, I_s = a.shared ? a.shared->inter : 0;
+  const ExpertList experts{w, a.shared, E};
+  const int64_t pairs = M * (k + S);  // rows: routed pairs and shared rows
+  const size_t ws_bytes = moe_workspace_size(M, k, H, I, S, I_s, threads);
   unsigned char* ws = a.ws != nullptr && a.ws->bytes >= ws_bytes ? a.ws->data.get()
                                                                  : thread_local_workspace(ws_bytes);
   Carver carve(ws);
@@ -86,36 +112,37 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   float* row_weight = carve.take<float>(pairs * 4);
   Segment* segments = carve.take<Segment>(pairs * 12);
   int32_t* chunk_first = carve.take<int32_t>((pairs + 1) * 4);  // first segment of each chunk
-  const int64_t padded_h = vnni_padded_k(H), padded_i = vnni_padded_k(I);
+  const int64_t padded_h = vnni_padded_k(H), I_max = std::max(I, I_s);  // act rows hold either
   // Row strides of the sorted A rows and of the intermediate (moe_row_stride: no L1 aliasing).
   const int64_t ld_sorted = moe_row_stride(H, 2);
-  const int64_t ld_act = moe_row_stride(I, uk.a_dtype == MOEKIT_BF16 ? 2 : 4);
+  const int64_t ld_act = moe_row_stride(I_max, uk.a_dtype == MOEKIT_BF16 ? 2 : 4);
   unsigned char* x_buffer = carve.take<unsigned char>(M * padded_h * 4);
   unsigned char* act = carve.take<unsigned char>(
-      (std::min<int64_t>(pairs, kMoeChunkRows) + kMoePanelN) * moe_row_stride(I, 4) * 4);
+      (std::min<int64_t>(pairs, kMoeChunkRows) + kMoePanelN) * moe_row_stride(I_max, 4) * 4);
   float* acc_buffer = carve.take<float>(M * H * 4);
   // Sorted A (uk.sorted_a): a chunk's rows of A in sorted order, with 2 panels of spare rows,
   // and the row indices 0, 1, ... that address them.
   const int64_t sorted_capacity = std::min<int64_t>(pairs, kMoeChunkRows) + 2 * kMoePanelN;
   uint16_t* sorted_x = carve.take<uint16_t>(sorted_capacity * ld_sorted * 2);
   int32_t* sorted_index = carve.take<int32_t>(sorted_capacity * 4);
-  const size_t region = moe_tile_scratch_bytes(std::max(H, I));
+  const size_t region = moe_tile_scratch_bytes(std::max({H, I, I_s}));
   unsigned char* thread_scratch = carve.take<unsigned char>(0);
 
   // 1. Align: stable counting sort of the pairs by local expert. The per-expert counters are
   // the only piece whose size depends on E; they live in a per-thread buffer grown once.
   thread_local std::vector<int32_t> counts;
-  counts.assign(static_cast<size_t>(E) + 1, 0);
+  counts.assign(static_cast<size_t>(E + S) + 1, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < k; ++j) {
       int64_t e = read_id(a.topk_ids, a.topk_ids_dtype, m * a.topk_ids_stride + j);
       if (a.expert_map) e = a.expert_map[e];
       if (e >= 0) ++counts[e + 1];
     }
-  for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];
-  const int64_t rows = counts[E];
+  for (int64_t s = 0; s < S; ++s) counts[E + s + 1] = static_cast<int32_t>(M);
+  for (int64_t e = 0; e < E + S; ++e) counts[e + 1] += counts[e];
+  const int64_t rows = counts[E + S];
   int64_t num_segments = 0;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; e < E + S; ++e) {
     const int64_t n = counts[e + 1] - counts[e];
     if (n == 0) continue;
     // Equal pieces of at most block_m rows balance better than block_m-sized ones plus a tail.
@@ -135,6 +162,16 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
       row_token[row] = static_cast<int32_t>(m);
       row_weight[row] = a.topk_weights[m * a.topk_weights_stride + j];
     }
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t row0 = counts[E + s];
+    for (int64_t m = 0; m < M; ++m) {
+      row_token[row0 + m] = static_cast<int32_t>(m);
+      row_weight[row0 + m] = a.shared_scale ? a.shared_scale[m] : 1.0f;
+    }
+  }
+  // Segments [0, routed_segments) are routed, the rest shared.
+  int64_t routed_segments = 0;
+  while (routed_segments < num_segments && segments[routed_segments].expert < E) ++routed_segments;
   // Chunks of whole segments, at most kMoeChunkRows rows each (depends on shapes only).
   int64_t num_chunks = 0;
   for (int64_t s = 0, chunk_rows = kMoeChunkRows; s < num_segments; ++s) {
@@ -162,7 +199,9 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   const bool out_f32 = a.out_dtype == MOEKIT_F32;
   float* acc = out_f32 ? static_cast<float*>(a.out) : acc_buffer;
   const int64_t ld_acc = out_f32 ? a.out_stride : H;
+  // Column tiles of I per routed segment and of I_s per shared segment.
   const int64_t up_tiles = (I + uk.gate_up_n - 1) / uk.gate_up_n;
+  const int64_t up_tiles_s = (I_s + uk.gate_up_n - 1) / uk.gate_up_n;
   const int64_t down_tiles = (H + uk.down_n - 1) / uk.down_n;
 
 #pragma omp parallel num_threads(threads)
@@ -213,11 +252,21 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
         }
       }
 
-      // 3a. gate_up: (segment, column tile of I) items, tiles of one segment adjacent.
+      // 3a. gate_up: (segment, column tile of its inter) items, tiles of one segment adjacent;
+      // the chunk's routed segments (up_tiles items each) come before its shared ones.
+      const int64_t chunk_routed =
+          std::clamp<int64_t>(routed_segments - chunk_first[c], 0, chunk_segments);
+      const int64_t routed_items = chunk_routed * up_tiles;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < chunk_segments * up_tiles; ++item) {
-        const Segment& s = first[item / up_tiles];
-        const int64_t n0 = (item % up_tiles) * uk.gate_up_n, n = std::min(uk.gate_up_n, I - n0);
+      for (int64_t item = 0; item < routed_items + (chunk_segments - chunk_routed) * up_tiles_s;
+           ++item) {
+        const bool routed_item = item < routed_items;
+        const int64_t tiles = routed_item ? up_tiles : up_tiles_s;
+        const int64_t local = routed_item ? item : item - routed_items;
+        const Segment& s = first[(routed_item ? 0 : chunk_routed) + local / tiles];
+        const moekit_experts& handle = experts.handle(s.expert);
+        const int64_t e = experts.index(s.expert), inter = experts.inter(s.expert);
+        const int64_t n0 = (local % tiles) * uk.gate_up_n, n = std::min(uk.gate_up_n, inter - n0);
         MoeGateUpCall call;
         if (sorted) {
           call.a = sorted_x;
@@ -231,8 +280,8 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
         }
         call.m = s.rows;
         call.K = H;
-        call.w1 = uk.weight_tile(w, s.expert, ExpertMatrix::kW1, n0, n, tile_scratch_1);
-        call.w3 = uk.weight_tile(w, s.expert, ExpertMatrix::kW3, n0, n, tile_scratch_3);
+        call.w1 = uk.weight_tile(handle, e, ExpertMatrix::kW1, n0, n, tile_scratch_1);
+        call.w3 = uk.weight_tile(handle, e, ExpertMatrix::kW3, n0, n, tile_scratch_3);
         call.n = n;
         unsigned char* act_rows = act + (s.start - row0) * ld_act * a_size;
         call.act = act_rows + n0 * a_size;
@@ -240,9 +289,10 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
         call.scratch = kernel_scratch;
         call.scratch_bytes = region;
         uk.gate_up(call);
-        if (uk.pad_a && n0 + n == I)  // zero the K padding the down kernel may read
+        if (uk.pad_a && n0 + n == inter)  // zero the K padding the down kernel may read
           for (int64_t r = 0; r < s.rows; ++r)
-            std::memset(act_rows + (r * ld_act + I) * a_size, 0, (padded_i - I) * a_size);
+            std::memset(act_rows + (r * ld_act + inter) * a_size, 0,
+                        (vnni_padded_k(inter) - inter) * a_size);
       }
 
       // 3b. down: column tiles of H; each walks the chunk's segments in row order.
@@ -257,14 +307,15 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
         for (int64_t si = 0; si < chunk_segments; ++si) {
           const Segment& s = first[si];
           if (s.expert != w2_expert) {  // consecutive segments of an expert share the tile
-            w2 = uk.weight_tile(w, s.expert, ExpertMatrix::kW2, n0, n, tile_scratch_1);
+            w2 = uk.weight_tile(experts.handle(s.expert), experts.index(s.expert),
+                                ExpertMatrix::kW2, n0, n, tile_scratch_1);
             w2_expert = s.expert;
           }
           MoeDownCall call;
           call.act = act + (s.start - row0) * ld_act * a_size;
           call.ld_act = ld_act;
           call.m = s.rows;
-          call.K = I;
+          call.K = experts.inter(s.expert);
           call.w2 = w2;
           call.n = n;
           call.row_weight = row_weight + s.start;
@@ -275,7 +326,9 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
             if (first[sn].expert != s.expert) {
               call.w2_next =
                   uk.weight_tile_in_place
-                      ? uk.weight_tile(w, first[sn].expert, ExpertMatrix::kW2, n0, n, nullptr)
+                      ? uk.weight_tile(experts.handle(first[sn].expert),
+                                       experts.index(first[sn].expert), ExpertMatrix::kW2, n0, n,
+                                       nullptr)
                       : nullptr;
               break;
             }

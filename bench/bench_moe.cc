@@ -4,6 +4,13 @@
 // BM_FusedMoe/<impl>/M:<M>        every fused_moe implementation this CPU runs, bf16 weights,
 //                                 bf16 hidden and output (scalar only for M <= 4).
 // BM_FusedMoeRef/M:<M>            the reference (M <= 4 only: it works in double).
+// BM_FusedMoeShared/M:<M>         one shared expert (I_s = 1536, bf16) added to the routed call
+//                                 (moekit_fused_moe_shared's path), M in {1, 1024}: the chosen
+//                                 implementation timed with and without it in the same run;
+//                                 counters routed_ms, shared_ms, x_routed = shared_ms /
+//                                 routed_ms, and the ratios of the work: bytes_ratio (weights
+//                                 touched, (distinct + 1) / distinct: the decode ideal) and
+//                                 flops_ratio ((k + 1) / k: the prefill ideal).
 // BM_OnednnPerExpert/M:<M>        baseline: a loop over experts of oneDNN bf16 matmuls (gate|up
 //                                 as one [H, 2I] matmul, SiLU*up, down), gather/scatter by
 //                                 token; weights reordered once into oneDNN's preferred format.
@@ -400,6 +407,42 @@ void BM_FusedMoeRef(benchmark::State& state, int64_t M) {
   set_counters(state, M, seconds, static_cast<double>(rs[0].distinct), 2);
 }
 
+// Routed-only vs routed + one shared expert through the implementation dispatch chooses, in
+// one run (bf16 weights, hidden and output; the shared expert has the routed inter).
+void BM_FusedMoeShared(benchmark::State& state, int64_t M) {
+  resident().enter(Phase::kBf16);
+  const moekit_experts* w = resident().bf16.get();
+  const ExpertsPtr shared = pack(1, MOEKIT_BF16);
+  const std::vector<Routing> rs = make_routings(M, w->num_experts);
+  Io io(M);
+  moekit_workspace* ws = nullptr;
+  moekit_workspace_create(
+      moekit_moe_workspace_size_shared(M, kTopK, kHidden, kInter, 1, kInter, threads()), &ws);
+  const auto args = [&](const Routing& r, bool with_shared) {
+    FusedMoeArgs a = args_for(w, io, r, false);
+    a.ws = ws;
+    if (with_shared) a.shared = shared.get();
+    return a;
+  };
+  const auto& routed_impl = moekit::choose("fused_moe", moekit::fused_moe_impls(), args(rs[0], false));
+  const auto& shared_impl = moekit::choose("fused_moe", moekit::fused_moe_impls(), args(rs[0], true));
+  double routed = 0, with_shared = 0;
+  for (auto _ : state) {
+    routed = time_cycling(rs, [&](const Routing& r) { routed_impl.run(args(r, false)); });
+    with_shared = time_cycling(rs, [&](const Routing& r) { shared_impl.run(args(r, true)); });
+  }
+  moekit_workspace_free(ws);
+  state.SetLabel(std::string(routed_impl.name) + " / " + shared_impl.name);
+  const double distinct = mean_distinct(rs);
+  state.counters["routed_ms"] = routed * 1e3;
+  state.counters["shared_ms"] = with_shared * 1e3;
+  state.counters["x_routed"] = with_shared / routed;
+  state.counters["bytes_ratio"] = (distinct + 1) / distinct;
+  state.counters["flops_ratio"] = static_cast<double>(kTopK + 1) / kTopK;
+  state.counters["threads"] = threads();
+  state.SetIterationTime(with_shared);
+}
+
 // ---- baselines -------------------------------------------------------------------------------
 
 inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
@@ -540,6 +583,10 @@ int register_all() {
   for (int64_t M : {1, 4})
     reg("BM_FusedMoeRef/M:" + std::to_string(M),
         [M](benchmark::State& s) { BM_FusedMoeRef(s, M); });
+  for (int64_t M : {1, 1024})
+    if (M <= max_m())
+      reg("BM_FusedMoeShared/M:" + std::to_string(M),
+          [M](benchmark::State& s) { BM_FusedMoeShared(s, M); });
   for_m([&](int64_t M) {
     reg("BM_OnednnPerExpert/M:" + std::to_string(M),
         [M](benchmark::State& s) { BM_OnednnPerExpert(s, M); });

@@ -151,8 +151,8 @@ struct Case {
   MapMode map;
 };
 // Routed and shared experts with equal and different inters (odd, below, at and above the 16-,
-// 32- and 64-wide tiles), decode and prefill, and one case of more rows than a pipeline chunk
-// (4096) so that a chunk boundary falls among the shared rows.
+// 32-, 64- and 128-wide tiles), decode and prefill, and one case of more rows than a pipeline
+// chunk (4096) so that a chunk boundary falls among the shared rows.
 const Case kCases[] = {
     {"decode_S1_same_inter", 4, 32, 32, 1, 2, 1, 32, kNoMap},
     {"S2_inter40", 4, 40, 48, 17, 2, 2, 40, kNoMap},
@@ -161,6 +161,7 @@ const Case kCases[] = {
     {"all_routed_off_rank", 4, 32, 32, 12, 2, 1, 40, kAllOffRank},
     {"long_shared_segments", 2, 47, 24, 150, 1, 1, 40, kNoMap},
     {"two_chunks", 4, 32, 16, 1500, 2, 2, 24, kHalfMap},
+    {"both_inters_above_128_wide_tiles", 3, 32, 136, 20, 2, 1, 150, kNoMap},
 };
 
 struct Combo {

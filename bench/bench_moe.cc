@@ -424,8 +424,10 @@ void BM_FusedMoeShared(benchmark::State& state, int64_t M) {
     if (with_shared) a.shared = shared.get();
     return a;
   };
-  const auto& routed_impl = moekit::choose("fused_moe", moekit::fused_moe_impls(), args(rs[0], false));
-  const auto& shared_impl = moekit::choose("fused_moe", moekit::fused_moe_impls(), args(rs[0], true));
+  const auto& routed_impl =
+      moekit::choose("fused_moe", moekit::fused_moe_impls(), args(rs[0], false));
+  const auto& shared_impl =
+      moekit::choose("fused_moe", moekit::fused_moe_impls(), args(rs[0], true));
   double routed = 0, with_shared = 0;
   for (auto _ : state) {
     routed = time_cycling(rs, [&](const Routing& r) { routed_impl.run(args(r, false)); });

@@ -240,15 +240,12 @@ moekit_status moekit_fused_moe(const moekit_experts* experts, const moekit_tenso
                          topk_weights, topk_ids, expert_map, ws, out);
 }
 
-moekit_status moekit_fused_moe_shared(const moekit_experts* experts, const moekit_experts* shared,
-                                      const moekit_tensor* shared_scale,
-                                      const moekit_tensor* hidden,
-                                      const moekit_tensor* topk_weights,
-                                      const moekit_tensor* topk_ids,
-                                      const moekit_tensor* expert_map, moekit_workspace* ws,
-                                      moekit_tensor* out) {
-  return fused_moe_entry(Checker("moekit_fused_moe_shared"), experts, shared, shared_scale,
-                         hidden, topk_weights, topk_ids, expert_map, ws, out);
+moekit_status moekit_fused_moe_shared(
+    const moekit_experts* experts, const moekit_experts* shared, const moekit_tensor* shared_scale,
+    const moekit_tensor* hidden, const moekit_tensor* topk_weights, const moekit_tensor* topk_ids,
+    const moekit_tensor* expert_map, moekit_workspace* ws, moekit_tensor* out) {
+  return fused_moe_entry(Checker("moekit_fused_moe_shared"), experts, shared, shared_scale, hidden,
+                         topk_weights, topk_ids, expert_map, ws, out);
 }
 
 size_t moekit_moe_workspace_size_shared(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S,
@@ -313,15 +310,14 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
   }
   const int threads = num_threads();
   if (ws != nullptr) {
-    const size_t need =
-        shared ? moe_workspace_size(M, k, experts->hidden, experts->inter, shared->num_experts,
-                                    shared->inter, threads)
-               : moe_workspace_size(M, k, experts->hidden, experts->inter, threads);
+    const size_t need = shared ? moe_workspace_size(M, k, experts->hidden, experts->inter,
+                                                    shared->num_experts, shared->inter, threads)
+                               : moe_workspace_size(M, k, experts->hidden, experts->inter, threads);
     if (ws->bytes < need)
-      return c.invalid("ws", "holds " + std::to_string(ws->bytes) + " bytes, the call needs " +
-                                 std::to_string(need) +
-                                 (shared ? " (moekit_moe_workspace_size_shared)"
-                                         : " (moekit_moe_workspace_size)"));
+      return c.invalid(
+          "ws",
+          "holds " + std::to_string(ws->bytes) + " bytes, the call needs " + std::to_string(need) +
+              (shared ? " (moekit_moe_workspace_size_shared)" : " (moekit_moe_workspace_size)"));
   }
   FusedMoeArgs a;
   a.experts = experts;

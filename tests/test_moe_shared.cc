@@ -106,7 +106,8 @@ std::unique_ptr<Experts> make_experts(int64_t E, int64_t H, int64_t I, const Sto
           for (int64_t c = 0; c < cols; ++c) {
             const float scale = s[(n / kBlockN) * kb + c / kBlockK];
             // Integers: q = v / scale is exact; random: q on the integer grid [-8, 8].
-            const float qv = integers ? v[n * cols + c] / scale : std::round(v[n * cols + c] / scale);
+            const float qv =
+                integers ? v[n * cols + c] / scale : std::round(v[n * cols + c] / scale);
             q[n * cols + c] = fp8_from_f32(qv);
             value[n * cols + c] = moekit::fp8_e4m3_to_f32(q[n * cols + c]) * scale;
           }
@@ -182,8 +183,8 @@ struct Problem {
   std::vector<int32_t> ids, map;
   std::vector<float> weights, scale;  // [M][k], [M]
 
-  FusedMoeArgs args(const std::vector<unsigned char>& hidden, moekit_dtype hidden_dtype,
-                    void* out, moekit_dtype out_dtype, bool with_scale, int threads) const {
+  FusedMoeArgs args(const std::vector<unsigned char>& hidden, moekit_dtype hidden_dtype, void* out,
+                    moekit_dtype out_dtype, bool with_scale, int threads) const {
     FusedMoeArgs a;
     a.experts = routed->packed.get();
     a.M = c.M;
@@ -325,8 +326,8 @@ class FusedMoeSharedTest : public ::testing::TestWithParam<int> {
 TEST_P(FusedMoeSharedTest, ExactOnSmallIntegers) {
   int ran = 0;
   // AMX entries: the default row threshold (decode rows on AVX-512) and every segment on tiles.
-  const std::vector<int64_t> min_rows = is_amx() ? std::vector<int64_t>{0, 1}
-                                                 : std::vector<int64_t>{0};
+  const std::vector<int64_t> min_rows =
+      is_amx() ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{0};
   for (int ci = 0; ci < static_cast<int>(std::size(kCases)); ++ci)
     for (int si = 0; si < static_cast<int>(std::size(kStorages)); ++si) {
       const Problem& p = problem(ci, si, true);
@@ -410,7 +411,8 @@ TEST_P(FusedMoeSharedTest, SameBitsForOneAndTwoThreads) {
       if (!run(p.args(hidden, MOEKIT_BF16, nullptr, MOEKIT_F32, true, 1), &one, p.c.M, p.ld))
         continue;
       ++ran;
-      ASSERT_TRUE(run(p.args(hidden, MOEKIT_BF16, nullptr, MOEKIT_F32, true, 2), &two, p.c.M, p.ld));
+      ASSERT_TRUE(
+          run(p.args(hidden, MOEKIT_BF16, nullptr, MOEKIT_F32, true, 2), &two, p.c.M, p.ld));
       ASSERT_TRUE(
           run(p.args(hidden, MOEKIT_BF16, nullptr, MOEKIT_F32, true, 3), &three, p.c.M, p.ld));
       EXPECT_EQ(one, two) << p.c.name << " " << kStorages[si].name;
@@ -433,7 +435,8 @@ TEST(FusedMoeSharedReference, EqualsTheModel) {
     const std::vector<float> want = p.model(true, false);
     for (int64_t m = 0; m < p.c.M; ++m)
       for (int64_t h = 0; h < p.c.H; ++h)
-        ASSERT_EQ(out[m * p.ld + h], want[m * p.c.H + h]) << p.c.name << " [" << m << ", " << h << "]";
+        ASSERT_EQ(out[m * p.ld + h], want[m * p.c.H + h])
+            << p.c.name << " [" << m << ", " << h << "]";
   }
 }
 
@@ -497,9 +500,9 @@ class SharedApiTest : public ::testing::Test {
 };
 
 TEST_F(SharedApiTest, NullSharedIsFusedMoe) {
-  ASSERT_EQ(moekit_fused_moe(routed_->packed.get(), &hidden_, &tw_, &ti_, nullptr, nullptr,
-                             &out_t_),
-            MOEKIT_OK)
+  ASSERT_EQ(
+      moekit_fused_moe(routed_->packed.get(), &hidden_, &tw_, &ti_, nullptr, nullptr, &out_t_),
+      MOEKIT_OK)
       << moekit_last_error();
   const std::vector<float> plain = out_;
   const std::string plain_impl = moekit_last_impl("fused_moe");
@@ -595,7 +598,8 @@ TEST(SharedApi, WorkspaceSize) {
   EXPECT_EQ(moekit_moe_workspace_size_shared(7, 8, 3072, 1536, 1, 0, 2), 0u);
   EXPECT_EQ(moekit_moe_workspace_size_shared(7, 8, 3072, 1536, 1, int64_t{1} << 21, 2), 0u);
   EXPECT_EQ(moekit_moe_workspace_size_shared(-1, 8, 3072, 1536, 1, 1536, 2), 0u);
-  EXPECT_EQ(moekit_moe_workspace_size_shared(int64_t{1} << 40, 8, 3072, 1536, 1 << 20, 1536, 2), 0u);
+  EXPECT_EQ(moekit_moe_workspace_size_shared(int64_t{1} << 40, 8, 3072, 1536, 1 << 20, 1536, 2),
+            0u);
 }
 
 }  // namespace

@@ -324,12 +324,11 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
           call.out_rows = row_token + s.start;
           for (int64_t sn = si + 1; sn < chunk_segments; ++sn)  // the next expert's tile
             if (first[sn].expert != s.expert) {
-              call.w2_next =
-                  uk.weight_tile_in_place
-                      ? uk.weight_tile(experts.handle(first[sn].expert),
-                                       experts.index(first[sn].expert), ExpertMatrix::kW2, n0, n,
-                                       nullptr)
-                      : nullptr;
+              call.w2_next = uk.weight_tile_in_place
+                                 ? uk.weight_tile(experts.handle(first[sn].expert),
+                                                  experts.index(first[sn].expert),
+                                                  ExpertMatrix::kW2, n0, n, nullptr)
+                                 : nullptr;
               break;
             }
           call.scratch = kernel_scratch;

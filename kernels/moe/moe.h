@@ -114,8 +114,6 @@ size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int thread
 // With S shared experts of intermediate size I_s (S = 0: the routed-only size above).
 size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S, int64_t I_s,
                           int threads);
-// The size for the arguments of one call (its routed and shared handles).
-size_t moe_workspace_size(const FusedMoeArgs& a);
 
 const ImplList<MoeAlignArgs>& moe_align_impls();
 const ImplList<FusedMoeArgs>& fused_moe_impls();

@@ -205,13 +205,6 @@ size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int thread
   return moe_workspace_size(M, k, H, I, 0, 0, threads);
 }
 
-size_t moe_workspace_size(const FusedMoeArgs& a) {
-  const moekit_experts& w = *a.experts;
-  return a.shared ? moe_workspace_size(a.M, a.k, w.hidden, w.inter, a.shared->num_experts,
-                                       a.shared->inter, a.threads)
-                  : moe_workspace_size(a.M, a.k, w.hidden, w.inter, a.threads);
-}
-
 }  // namespace moekit
 
 void moekit_experts::decode_row(int64_t e, moekit::ExpertMatrix m, int64_t n, float* out) const {

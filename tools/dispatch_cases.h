@@ -12,7 +12,7 @@ struct ChosenImpl {
   std::string case_name;  // e.g. "minimax_m2 decode M=1"
   std::string dtype;      // the dtype the case varies (activations, or weights for fused_moe)
   std::string impl;
-  std::string note;  // how the implementation splits the case further, or empty
+  std::string note = {};  // how the implementation splits the case further, or empty
 };
 
 // Asks each op's dispatch table which implementation it would take for each case at the

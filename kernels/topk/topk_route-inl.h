@@ -414,12 +414,16 @@ constexpr int64_t kRouterParallelMinTokens = 4;
 
 // NOTE [few-token router split]
 // Splitting tokens over threads makes every thread stream the whole gate (3 MB for MiniMax-M2)
-// for its own tokens, which pays only when each thread has a full token tile. With fewer tokens
-// than that (decode, M = 1), the experts are split instead, in whole kTileN panels: each thread
-// computes the logits of its panels for all the tokens into one shared [M, E] buffer (the calling
-// thread's scratch, grown once), so the gate is streamed once by all the threads together. The
-// routing itself then runs on the calling thread after the parallel region, as for one token it
-// always has (a row takes ~1 us, less than waking the threads again). Each logit is the same
+// for its own tokens, which pays only when each thread has a full split unit (Ops::kSplitTokens
+// tokens: the packed-token kernel's width where the ISA has one). With fewer tokens than that
+// (decode, M = 1, up to M = 16 * threads), the experts are split instead, in whole kTileN
+// panels: each thread computes the logits of its panels for all the tokens into one shared
+// [M, E] buffer (the calling thread's scratch, grown once), so the gate is streamed once by all
+// the threads together (16 threads at M = 64: 0.89x OpenBLAS with the token split, each thread
+// streaming the gate for 4 tokens). The routing of fewer than kRouterSplitParallelRouteTokens
+// rows then runs on the calling thread after the parallel region, as for one token it always
+// has (a row takes ~1 us, less than waking the threads again); more rows are routed by all the
+// threads, rows split evenly, after a barrier. Each logit is the same
 // dot_tile reduction over the same H chunks at the same place in its panel whatever the split,
 // so the results are bit-identical to the single-thread path's (see router_gemm).
 // The thread count follows the work: a thread is worth waking for about kRouterSplitMinMacs
@@ -430,6 +434,9 @@ constexpr int64_t kRouterParallelMinTokens = 4;
 // (E=16, H=2048) lose on two threads (1.9 -> 2.3 us / 2.0 -> 2.5 us), 64K (E=32, H=2048 and
 // E=64, H=1024) gain 1.15x, 128K gain 1.45x.
 constexpr int64_t kRouterSplitMinMacs = 32 * 1024;
+// Tokens from which the expert split also routes in parallel (after a barrier): a row takes
+// ~1 us, so a few rows are cheaper on the calling thread than a barrier over all the threads.
+constexpr int64_t kRouterSplitParallelRouteTokens = 8;
 
 // Threads for the expert split of M tokens (1: run on the calling thread).
 inline int router_split_threads(int64_t M, int64_t E, int64_t H, int max_threads) {
@@ -456,12 +463,23 @@ inline void router_split_experts(const RouterTopkArgs& r, int threads) {
   };
   if (threads <= 1) {
     compute(0, panels);
-  } else {
+  } else if (M < kRouterSplitParallelRouteTokens) {
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       compute(panels * t / nt, panels * (t + 1) / nt);
     }
+  } else {
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      compute(panels * t / nt, panels * (t + 1) / nt);
+#pragma omp barrier
+      RowScratch sc;
+      for (int64_t m = M * t / nt; m < M * (t + 1) / nt; ++m)
+        emit_and_route(r, logits + m * E, m, sc);
+    }
+    return;
   }
   RowScratch sc;
   for (int64_t m = 0; m < M; ++m) emit_and_route(r, logits + m * E, m, sc);
@@ -470,8 +488,8 @@ inline void router_split_experts(const RouterTopkArgs& r, int threads) {
 inline void router_topk_run(const RouterTopkArgs& r) {
   const int64_t M = r.route.M;
   const int max_threads = num_threads();
-  // Too few tokens for one token tile per thread: split the experts instead (see the NOTE).
-  if (M < static_cast<int64_t>(Ops::kTileM) * max_threads || M < kRouterParallelMinTokens) {
+  // Too few tokens for one split unit per thread: split the experts instead (see the NOTE).
+  if (M < static_cast<int64_t>(Ops::kSplitTokens) * max_threads || M < kRouterParallelMinTokens) {
     const int threads = router_split_threads(M, r.route.E, r.H, max_threads);
     if (threads > 1) return router_split_experts(r, threads);
     if (M < kRouterParallelMinTokens) return router_rows(r, 0, M);

@@ -57,6 +57,14 @@ const char* fused_moe_amx_supports(const FusedMoeArgs& a) {
   return fused_moe_pipeline_supports(amx_for(*a.experts), a);
 }
 
-void fused_moe_amx(const FusedMoeArgs& a) { fused_moe_pipeline(amx_for(*a.experts), a); }
+void fused_moe_amx(const FusedMoeArgs& a) {
+  // A token's ids name distinct experts (as top-k gives them) and a shared expert has one row
+  // per token, so with fewer tokens than the threshold no segment would reach the tiles: the
+  // AVX-512-BF16 pipeline then runs the whole call with its own, narrower items (the AMX
+  // kernel's wide items would leave decode's few experts to fewer threads). Repeated ids are
+  // still computed correctly, by the AVX-512-BF16 kernel.
+  if (a.M < amx_min_rows()) return fused_moe_pipeline(moe_microkernel_bf16_avx512bf16(), a);
+  fused_moe_pipeline(amx_for(*a.experts), a);
+}
 
 }  // namespace moekit

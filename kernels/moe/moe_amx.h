@@ -93,8 +93,9 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
 // tiles, smaller ones (decode) on the AVX-512-BF16 microkernel, since a tile pass costs the same
 // for 1 row as for 16. The result depends on the shapes and the routing only, never on the
 // thread count. Calls of fewer tokens than amx_min_rows() (decode), where no segment can reach
-// the threshold, run the AVX-512-BF16 pipeline outright. Below the amx level (MOEKIT_ISA capped) the VNNI microkernels of every level
-// read AMX handles, and the reference reads them through decode_row.
+// the threshold, run the AVX-512-BF16 pipeline outright. Below the amx level (MOEKIT_ISA
+// capped) the VNNI microkernels of every level read AMX handles, and the reference reads them
+// through decode_row.
 
 struct MoeMicrokernel;
 struct FusedMoeArgs;

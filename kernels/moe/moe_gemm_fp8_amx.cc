@@ -20,6 +20,7 @@
 #include "kernels/moe/fp8_convert_avx512vbmi.h"
 #include "kernels/moe/fp8_moe_avx512.h"
 #include "kernels/moe/moe_amx.h"
+#include "kernels/moe/moe_simd_avx512-inl.h"
 
 // GCC 12 reports its own intrinsics' _mm512_undefined_* placeholders as "maybe uninitialized"
 // once inlined (a false positive).
@@ -39,6 +40,10 @@ constexpr long kTileRowBytes = 64;
 // (one rounding per weight, as a bf16 checkpoint has) and the tiles run all of K at once; below
 // it, every K block's sums are scaled in f32 (exact weights, one epilogue per block).
 constexpr int64_t kPrescaleRows = 64;
+// Segments of up to 256 rows dequantize each expert's weights once per call at M = 4096 (128
+// rows per expert on average; bench_moe_fp8 on a 16-thread AMX machine: 0.72-0.79 of bf16's
+// speed against 0.68 with 128-row segments).
+constexpr int64_t kAmxFp8BlockM = 256;
 
 // tileloadd is not known to read memory; keep earlier stores to its buffers in place.
 inline void compiler_barrier() { asm volatile("" ::: "memory"); }
@@ -197,11 +202,15 @@ void gate_up(const MoeGateUpCall& call) {
   float* acc[2] = {acc_base, acc_base + call.m * kTileN};
   const void* tiles[2] = {call.w1, call.w3};
   amx_reduce<2>(a, lda, call.m, call.K, tiles, np, acc);
+  // The SiLU epilogue in vectors: at prefill sizes a scalar exp per value cost ~10% of the call.
   for (int64_t r = 0; r < call.m; ++r) {
     uint16_t* out = static_cast<uint16_t*>(call.act) + r * call.ld_act;
     const float* g = acc[0] + r * kTileN;
     const float* u = acc[1] + r * kTileN;
-    for (int64_t col = 0; col < call.n; ++col) out[col] = f32_to_bf16(g[col] / (1.0f + std::exp(-g[col])) * u[col]);
+    for (int64_t col = 0; col < call.n; col += 16)
+      avx512::store_act(out + col, true,
+                        avx512::silu_mul(_mm512_loadu_ps(g + col), _mm512_loadu_ps(u + col)),
+                        call.n - col);
   }
 }
 
@@ -233,7 +242,7 @@ const MoeMicrokernel& moe_microkernel_fp8_amx() {
     k.a_dtype = MOEKIT_BF16;
     k.pad_a = true;
     k.sorted_a = true;
-    k.block_m = 128;
+    k.block_m = kAmxFp8BlockM;
     k.gate_up_n = kTileN;
     k.down_n = kTileN;
     k.weight_tile = fp8_vnni_weight_tile;

@@ -41,6 +41,7 @@ struct Ops {
   static constexpr int kLanes = 8;
   static constexpr int kTileM = 3;
   static constexpr int kTileN = 4;
+  static constexpr int kDotTileN = kTileN;
   static constexpr int kSplitTokens = 16;  // tokens per unit of the thread split
   static constexpr int64_t kChunkH = 1024;
 

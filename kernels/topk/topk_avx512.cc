@@ -41,6 +41,9 @@ struct Ops {
   static constexpr int kLanes = 16;
   static constexpr int kTileM = 3;
   static constexpr int kTileN = 8;
+  // Experts per dot tile of the router GEMM: 3 x 4 tiles beat 3 x 8 ones (which spill their
+  // row pointers) on a 16-thread AMX machine at M = 64: 1.03 / 1.49x OpenBLAS against 0.96 / 1.00.
+  static constexpr int kDotTileN = 4;
   static constexpr int kSplitTokens = 16;  // tokens per unit of the thread split
   static constexpr int64_t kChunkH = 1024;
 

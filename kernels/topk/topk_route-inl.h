@@ -297,9 +297,9 @@ inline int64_t block_tokens(int64_t E) {
 
 // logits[i * ldl + e] = hidden[b0 + i] . gate[e] for nb <= kMaxBlockTokens tokens and the
 // experts [e_begin, e_end). The value of each logit depends only on H's chunking and on the
-// expert's place in its kTileN panel (which fixes its reduction in dot_tile), never on the token
-// tile or on [e_begin, e_end) as long as e_begin is a multiple of kTileN: splitting experts in
-// whole panels gives the bits of the unsplit GEMM. `converted` holds nb x kChunkH floats when
+// expert's place in its kDotTileN group of a kTileN panel (which fixes its reduction in
+// dot_tile), never on the token tile or on [e_begin, e_end) as long as e_begin is a multiple of
+// kTileN: splitting experts in whole panels gives the bits of the unsplit GEMM. `converted` holds nb x kChunkH floats when
 // hidden is bf16.
 inline void router_gemm(const RouterTopkArgs& r, int64_t b0, int64_t nb, int64_t e_begin,
                         int64_t e_end, float* logits, int64_t ldl, float* converted) {
@@ -325,9 +325,14 @@ inline void router_gemm(const RouterTopkArgs& r, int64_t b0, int64_t nb, int64_t
     for (int64_t e0 = e_begin; e0 < e_end; e0 += Ops::kTileN) {
       const int nr = static_cast<int>(std::min<int64_t>(Ops::kTileN, e_end - e0));
       for (int j = 0; j < nr; ++j) b_rows[j] = r.gate + (e0 + j) * r.gate_stride + h0;
-      for (int64_t i0 = 0; i0 < nb; i0 += Ops::kTileM) {
-        const int mr = static_cast<int>(std::min<int64_t>(Ops::kTileM, nb - i0));
-        tile_mn<Ops::kTileM>(mr, nr, a_rows + i0, b_rows, hc, logits + i0 * ldl + e0, ldl);
+      // Dot tiles of at most Ops::kDotTileN experts of the panel, each over every token tile.
+      for (int j0 = 0; j0 < nr; j0 += Ops::kDotTileN) {
+        const int nj = std::min(Ops::kDotTileN, nr - j0);
+        for (int64_t i0 = 0; i0 < nb; i0 += Ops::kTileM) {
+          const int mr = static_cast<int>(std::min<int64_t>(Ops::kTileM, nb - i0));
+          tile_mn<Ops::kTileM>(mr, nj, a_rows + i0, b_rows + j0, hc,
+                               logits + i0 * ldl + e0 + j0, ldl);
+        }
       }
     }
   }

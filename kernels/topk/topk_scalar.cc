@@ -48,6 +48,7 @@ struct Ops {
   static constexpr int kLanes = 8;  // experts per selection-filter step
   static constexpr int kTileM = 2;  // router GEMM tile: tokens x experts
   static constexpr int kTileN = 4;
+  static constexpr int kDotTileN = kTileN;
   static constexpr int kSplitTokens = kTileM;  // tokens per unit of the thread split
   static constexpr int64_t kChunkH = 512;
 

@@ -1,5 +1,6 @@
 // The machine's ceilings, measured in-process beside each other: the AMX-BF16 register peak
-// (TDPBF16PS on loaded tiles, per thread and on all threads), one large oneDNN bf16 matmul
+// (TDPBF16PS on loaded tiles, per thread and on all threads), the AVX-512-BF16 one (VDPBF16PS on
+// registers), one large oneDNN bf16 matmul
 // (4096^3, the practical compute ceiling a library reaches), and BM_StreamingRead (the memory
 // ceiling, from bench_util.cc). Kernel benchmarks quote their FLOP/s and bytes/s against these.
 // AMX entries report themselves skipped on CPUs without AMX.
@@ -13,6 +14,7 @@
 #include <unordered_map>
 
 #include "bench/amx_peak.h"
+#include "bench/avx512bf16_peak.h"
 #include "bench/bench_util.h"
 #include "dispatch/runtime.h"
 #include "moekit/moekit.h"
@@ -43,6 +45,31 @@ void BM_AmxBf16Peak(benchmark::State& state) {
   state.counters["threads"] = threads;
 }
 BENCHMARK(BM_AmxBf16Peak)
+    ->Arg(1)
+    ->Arg(moekit::num_threads())
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+// Rounds of twelve VDPBF16PS per thread per benchmark iteration.
+constexpr int64_t kBf16PeakRounds = 2000000;
+
+void BM_Avx512Bf16Peak(benchmark::State& state) {
+  if (moekit_effective_isa() < MOEKIT_ISA_AVX512_BF16) {
+    state.SkipWithError("skipped: needs avx512_bf16");
+    return;
+  }
+  const int threads = static_cast<int>(state.range(0));
+  double flops = 0;
+  for (auto _ : state) {
+    double done = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : done)
+    done += moekit_bench::avx512bf16_peak_loop(kBf16PeakRounds);
+    flops += done;
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+BENCHMARK(BM_Avx512Bf16Peak)
     ->Arg(1)
     ->Arg(moekit::num_threads())
     ->UseRealTime()

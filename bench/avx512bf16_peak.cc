@@ -15,11 +15,16 @@ namespace moekit_bench {
 double avx512bf16_peak_loop(int64_t iterations) {
   constexpr int kChains = 12;
   constexpr double kFlopsPerInstruction = 2.0 * 16 * 2;  // 16 lanes x 2 products, multiply + add
-  // Named accumulators (an array would live in memory across the opaque asm below).
-  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0,
-         c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  // Named accumulators with distinct starting values hidden from the compiler: equal chains
+  // would be merged into one (an earlier version measured a single chain 12 times over).
+  __m512 c0 = _mm512_set1_ps(0), c1 = _mm512_set1_ps(1), c2 = _mm512_set1_ps(2),
+         c3 = _mm512_set1_ps(3), c4 = _mm512_set1_ps(4), c5 = _mm512_set1_ps(5),
+         c6 = _mm512_set1_ps(6), c7 = _mm512_set1_ps(7), c8 = _mm512_set1_ps(8),
+         c9 = _mm512_set1_ps(9), c10 = _mm512_set1_ps(10), c11 = _mm512_set1_ps(11);
+  asm volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5));
+  asm volatile("" : "+v"(c6), "+v"(c7), "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11));
   // Small values keep the sums finite; the opaque asm stops the compiler from folding them.
-  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3F803F80), b = a;
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3F803F80), b = (__m512bh)_mm512_set1_epi32(0x3F003F00);
   asm volatile("" : "+v"(a), "+v"(b));
   for (int64_t i = 0; i < iterations; ++i) {
     c0 = _mm512_dpbf16_ps(c0, a, b);

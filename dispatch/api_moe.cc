@@ -310,9 +310,9 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
   }
   const int threads = num_threads();
   if (ws != nullptr) {
-    const size_t need = shared ? moe_workspace_size(M, k, experts->hidden, experts->inter,
-                                                    shared->num_experts, shared->inter, threads)
-                               : moe_workspace_size(M, k, experts->hidden, experts->inter, threads);
+    const size_t need =  // S = 0: the routed-only size
+        moe_workspace_size(M, k, experts->hidden, experts->inter, shared ? shared->num_experts : 0,
+                           shared ? shared->inter : 0, threads);
     if (ws->bytes < need)
       return c.invalid(
           "ws",

@@ -61,9 +61,6 @@ inline void prefetch_l1(const uint16_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
-// One output step: C[rows of kRowTiles tiles][kColTiles tiles] over k_blocks K blocks, stored
-// at c (row stride c_stride floats). a: the step's first row; b0/b1: the first tile of each
-// weight column block.
 // Lines of weights that the next piece of work will read, pulled into L2 a few per K block
 // while this step computes, so that streaming them from memory overlaps the tile products.
 struct L2Prefetch {
@@ -82,6 +79,9 @@ inline void prefetch_l2_slice(const L2Prefetch& pf, int64_t kb) {
   }
 }
 
+// One output step: C[rows of kRowTiles tiles][kColTiles tiles] over k_blocks K blocks, stored
+// at c (row stride c_stride floats). a: the step's first row; b0/b1: the first tile of each
+// weight column block; pf: weights to pull into L2 meanwhile.
 template <int kRowTiles, int kColTiles>
 inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, const uint16_t* b1,
                       int64_t k_blocks, float* c, int64_t c_stride, const L2Prefetch& pf) {
@@ -358,18 +358,19 @@ bool use_amx(int64_t rows) {
   return rows >= amx_min_rows() || rows > moe_microkernel_bf16_avx512bf16().block_m;
 }
 
-
-// gate_up for rows [r0, r0 + rows) of the call, found at `a` (row stride a_stride, zero
-// padded to amx_padded_k(K), amx_padded_m(rows) rows readable).
-void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uint16_t* a,
-                  int64_t a_stride) {
+// gate_up for the call's rows, found at `a` (row stride a_stride, zero padded to
+// amx_padded_k(K), amx_padded_m(rows) rows readable).
+void gate_up_rows(const MoeGateUpCall& call, const uint16_t* a, int64_t a_stride) {
+  const int64_t rows = call.m;
   const int64_t padded_k = amx_padded_k(call.K);
   const int64_t k_blocks = padded_k / kAmxTileK;
   const size_t panel_elems = static_cast<size_t>(padded_k * kAmxTileN);
   compiler_barrier();
   const auto* w1 = static_cast<const uint16_t*>(call.w1);
   const auto* w3 = static_cast<const uint16_t*>(call.w3);
-  auto* act = static_cast<uint16_t*>(call.act) + r0 * call.ld_act;
+  auto* act = static_cast<uint16_t*>(call.act);
+  const int64_t steps = (rows + kStepRows - 1) / kStepRows;
+  const int64_t block_lines = k_blocks * 16;  // cache lines of one column block of w1 (or w3)
   // The f32 sums of every row step for one column block (gate | up).
   alignas(64) float sums[kAmxBlockM * kStepCols];
   for (int64_t nb = 0; nb * kAmxTileN < call.n; ++nb) {
@@ -378,7 +379,6 @@ void gate_up_rows(const MoeGateUpCall& call, int64_t r0, int64_t rows, const uin
     const uint16_t* up = w3 + nb * panel_elems;
     // The next column block's gate and up tiles are pulled into L2 during this one.
     const bool has_next = (nb + 1) * kAmxTileN < call.n;
-    const int64_t steps = (rows + kStepRows - 1) / kStepRows, block_lines = k_blocks * 16;
     for (int64_t m0 = 0; m0 < rows; m0 += kStepRows)
       run_step(rows - m0 > kAmxTileM ? 2 : 1, 2, a + m0 * a_stride, a_stride, gate, up, k_blocks,
                sums + m0 * kStepCols, kStepCols,
@@ -397,8 +397,7 @@ void pipeline_gate_up(const MoeGateUpCall& call) {
   // The pipeline hands this kernel (sorted_a) its rows in order, where tiles load them in place.
   if (!use_amx(call.m) || !call.a_consecutive) return gate_up_small(call);
   amx_tile_configure();
-  gate_up_rows(call, 0, call.m, static_cast<const uint16_t*>(call.a) + call.a_rows[0] * call.lda,
-               call.lda);
+  gate_up_rows(call, static_cast<const uint16_t*>(call.a) + call.a_rows[0] * call.lda, call.lda);
 }
 
 void pipeline_down(const MoeDownCall& call) {

@@ -7,7 +7,7 @@
 //      unscaled) into a buffer; in the FP8 VNNI order each 16 K pairs of a panel are exactly
 //      one AMX B tile (16 rows of 16 columns x 2 bf16);
 //   2. for each step of 32 rows x 32 columns: four f32 C tiles are zeroed, the block's
-//      TDPBF16PS products are accumulated (A tiles from the gathered activation rows), and the
+//      TDPBF16PS products are accumulated (A tiles loaded in place from the sorted rows), and the
 //      C tiles are stored to a small scratch from which AVX-512 adds them times the panels'
 //      scales into the f32 accumulator rows (acc += C * scale).
 // From kPrescaleRows rows per call (prefill), the per-block epilogue of step 2 would cost about
@@ -176,32 +176,18 @@ void amx_reduce(const uint16_t* a, int64_t lda, int64_t rows, int64_t K, const v
 bool use_amx(int64_t rows) { return rows >= amx_min_rows_for(MOEKIT_FP8_E4M3); }
 
 void gate_up(const MoeGateUpCall& call) {
-  if (!use_amx(call.m)) return moe_microkernel_fp8_avx512vbmi().gate_up(call);
+  if (!use_amx(call.m) || !call.a_consecutive)
+    return moe_microkernel_fp8_avx512vbmi().gate_up(call);
   amx_tile_configure();
   const int np = static_cast<int>((call.n + kMoePanelN - 1) / kMoePanelN);
-  // Gather the rows (zero-padded to vnni_padded_k(K) by the pipeline) at a fixed stride, and
-  // zero the rows up to a whole tile.
-  // (Rows the pipeline already wrote in order are read in place.)
-  const int64_t padded_k = vnni_padded_k(call.K), padded_rows = amx_padded_m(call.m);
-  const auto* x = static_cast<const uint16_t*>(call.a);
-  const uint16_t* a = x + call.a_rows[0] * call.lda;
-  int64_t lda = call.lda;
-  if (!call.a_consecutive) {
-    auto* gathered = reinterpret_cast<uint16_t*>(
-        fp8_thread_buffer(2, static_cast<size_t>(padded_rows * padded_k) * 2));
-    for (int64_t r = 0; r < call.m; ++r)
-      std::memcpy(gathered + r * padded_k, x + call.a_rows[r] * call.lda,
-                  static_cast<size_t>(padded_k) * 2);
-    std::memset(gathered + call.m * padded_k, 0,
-                static_cast<size_t>((padded_rows - call.m) * padded_k) * 2);
-    a = gathered;
-    lda = padded_k;
-  }
+  // The pipeline hands this kernel (sorted_a) its rows in order, zero-padded to
+  // vnni_padded_k(K) with readable rows past the last: tiles load them in place.
+  const uint16_t* a = static_cast<const uint16_t*>(call.a) + call.a_rows[0] * call.lda;
   float* acc_base;
   fp8_moe::row_buffers(call.m, 2, &acc_base);
   float* acc[2] = {acc_base, acc_base + call.m * kTileN};
   const void* tiles[2] = {call.w1, call.w3};
-  amx_reduce<2>(a, lda, call.m, call.K, tiles, np, acc);
+  amx_reduce<2>(a, call.lda, call.m, call.K, tiles, np, acc);
   // The SiLU epilogue in vectors: at prefill sizes a scalar exp per value cost ~10% of the call.
   for (int64_t r = 0; r < call.m; ++r) {
     uint16_t* out = static_cast<uint16_t*>(call.act) + r * call.ld_act;

@@ -303,6 +303,7 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
           for (int64_t m = 0; m < M; ++m)
             std::fill(acc + m * ld_acc + n0, acc + m * ld_acc + n0 + n, 0.0f);
         const void* w2 = nullptr;
+        const void* w2_next = nullptr;
         int64_t w2_expert = -1;
         for (int64_t si = 0; si < chunk_segments; ++si) {
           const Segment& s = first[si];
@@ -310,6 +311,16 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
             w2 = uk.weight_tile(experts.handle(s.expert), experts.index(s.expert),
                                 ExpertMatrix::kW2, n0, n, tile_scratch_1);
             w2_expert = s.expert;
+            // The next expert's tile, which a kernel may pull toward the cache meanwhile.
+            w2_next = nullptr;
+            if (uk.weight_tile_in_place) {
+              int64_t sn = si + 1;
+              while (sn < chunk_segments && first[sn].expert == s.expert) ++sn;
+              if (sn < chunk_segments)
+                w2_next = uk.weight_tile(experts.handle(first[sn].expert),
+                                         experts.index(first[sn].expert), ExpertMatrix::kW2, n0,
+                                         n, nullptr);
+            }
           }
           MoeDownCall call;
           call.act = act + (s.start - row0) * ld_act * a_size;
@@ -322,15 +333,7 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
           call.out = acc + n0;
           call.ld_out = ld_acc;
           call.out_rows = row_token + s.start;
-          for (int64_t sn = si + 1; sn < chunk_segments; ++sn)  // the next expert's tile
-            if (first[sn].expert != s.expert) {
-              call.w2_next = uk.weight_tile_in_place
-                                 ? uk.weight_tile(experts.handle(first[sn].expert),
-                                                  experts.index(first[sn].expert),
-                                                  ExpertMatrix::kW2, n0, n, nullptr)
-                                 : nullptr;
-              break;
-            }
+          call.w2_next = w2_next;
           call.scratch = kernel_scratch;
           call.scratch_bytes = region;
           uk.down(call);

@@ -176,8 +176,7 @@ constexpr int kPanelTokens = 16;  // two ymm of tokens
 constexpr int kBcastExperts = 6;  // 12 accumulators + 2 token vectors + 1 broadcast = 15 ymm
 void pack_panel(const RouterTopkArgs& r, int64_t t0, int64_t n, float* panel);
 template <int NR>
-void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
-                  int64_t ldo);
+void bcast_tile(const float* const* g, const float* panel, int64_t H, float* out, int64_t ldo);
 #define MOEKIT_TOPK_PACKED_ROUTER 1
 
 #include "kernels/topk/topk_route-inl.h"
@@ -281,14 +280,6 @@ void bcast_tile(const float* const* g, const float* panel, int64_t H, float* out
   }
 }
 
-template <int NR>
-void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
-                  int64_t ldo) {
-  if constexpr (NR >= 1) {
-    if (nr == NR) return bcast_tile<NR>(g, panel, H, out, ldo);
-    bcast_tile_n<NR - 1>(nr, g, panel, H, out, ldo);
-  }
-}
 
 }  // namespace topk_avx2
 

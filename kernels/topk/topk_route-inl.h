@@ -299,8 +299,8 @@ inline int64_t block_tokens(int64_t E) {
 // experts [e_begin, e_end). The value of each logit depends only on H's chunking and on the
 // expert's place in its kDotTileN group of a kTileN panel (which fixes its reduction in
 // dot_tile), never on the token tile or on [e_begin, e_end) as long as e_begin is a multiple of
-// kTileN: splitting experts in whole panels gives the bits of the unsplit GEMM. `converted` holds nb x kChunkH floats when
-// hidden is bf16.
+// kTileN: splitting experts in whole panels gives the bits of the unsplit GEMM. `converted`
+// holds nb x kChunkH floats when hidden is bf16.
 inline void router_gemm(const RouterTopkArgs& r, int64_t b0, int64_t nb, int64_t e_begin,
                         int64_t e_end, float* logits, int64_t ldl, float* converted) {
   const bool bf16 = r.hidden_dtype == MOEKIT_BF16;
@@ -357,7 +357,17 @@ inline void emit_and_route(const RouterTopkArgs& r, const float* row, int64_t m,
 // place (sequentially, from L2 after the first panel). The whole H is summed in registers;
 // results go to an expert-major block buffer [E][kPackedBlockTokens] whose columns are then
 // routed token by token. The ISA file defines kPackedMinTokens, kPanelTokens, kBcastExperts,
-// pack_panel and bcast_tile_n, and MOEKIT_TOPK_PACKED_ROUTER.
+// pack_panel and bcast_tile<NR> (declared before this file), and MOEKIT_TOPK_PACKED_ROUTER.
+
+// The bcast_tile of nr (1..NR) gate rows.
+template <int NR>
+inline void bcast_tile_n(int nr, const float* const* g, const float* panel, int64_t H, float* out,
+                         int64_t ldo) {
+  if constexpr (NR >= 1) {
+    if (nr == NR) return bcast_tile<NR>(g, panel, H, out, ldo);
+    bcast_tile_n<NR - 1>(nr, g, panel, H, out, ldo);
+  }
+}
 
 constexpr int64_t kPackedBlockTokens = 64;  // packed hidden: 64 x H floats (768 KB at H=3072)
 static_assert(kPackedBlockTokens % kPanelTokens == 0, "whole panels per block");
@@ -428,9 +438,9 @@ constexpr int64_t kRouterParallelMinTokens = 4;
 // streaming the gate for 4 tokens). The routing of fewer than kRouterSplitParallelRouteTokens
 // rows then runs on the calling thread after the parallel region, as for one token it always
 // has (a row takes ~1 us, less than waking the threads again); more rows are routed by all the
-// threads, rows split evenly, after a barrier. Each logit is the same
-// dot_tile reduction over the same H chunks at the same place in its panel whatever the split,
-// so the results are bit-identical to the single-thread path's (see router_gemm).
+// threads, rows split evenly, after a barrier. Each logit is the same dot_tile reduction over
+// the same H chunks at the same place in its panel whatever the split, so the results are
+// bit-identical to the single-thread path's (see router_gemm).
 // The thread count follows the work: a thread is worth waking for about kRouterSplitMinMacs
 // multiply-adds (see its comment for the measurement), so tiny E x H stays on one thread.
 
@@ -466,26 +476,23 @@ inline void router_split_experts(const RouterTopkArgs& r, int threads) {
     for (int64_t b0 = 0; b0 < M; b0 += block)
       router_gemm(r, b0, std::min(block, M - b0), e_begin, e_end, logits + b0 * E, E, converted);
   };
+  const bool route_in_parallel = threads > 1 && M >= kRouterSplitParallelRouteTokens;
   if (threads <= 1) {
     compute(0, panels);
-  } else if (M < kRouterSplitParallelRouteTokens) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      compute(panels * t / nt, panels * (t + 1) / nt);
-    }
   } else {
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       compute(panels * t / nt, panels * (t + 1) / nt);
+      if (route_in_parallel) {  // the same for every thread, so all of them meet the barrier
 #pragma omp barrier
-      RowScratch sc;
-      for (int64_t m = M * t / nt; m < M * (t + 1) / nt; ++m)
-        emit_and_route(r, logits + m * E, m, sc);
+        RowScratch sc;
+        for (int64_t m = M * t / nt; m < M * (t + 1) / nt; ++m)
+          emit_and_route(r, logits + m * E, m, sc);
+      }
     }
-    return;
   }
+  if (route_in_parallel) return;
   RowScratch sc;
   for (int64_t m = 0; m < M; ++m) emit_and_route(r, logits + m * E, m, sc);
 }

@@ -362,22 +362,31 @@ double SumOfSquares<bf16_bits>(const void* row, int64_t width) {
       [&](int64_t i, int64_t n) { return LoadTail(df, x + i, n); });
 }
 
-// residual += x, stored in T; returns the sum of squares of the stored values.
+// The one-vector (i) and tail (i, n) steps of AddResidual: residual += x over those elements,
+// stored, and the stored values returned as f32.
 template <typename T>
-double AddResidual(void* x_row, void* residual_row, int64_t width) {
-  const DF df;
-  const T* x = static_cast<const T*>(x_row);
-  T* res = static_cast<T*>(residual_row);
-  const auto full = [&](int64_t i) {
+struct AddResidualStep {
+  const T* x;
+  T* res;
+  HWY_INLINE VF operator()(int64_t i) const {
+    const DF df;
     const VF sum = hn::Add(LoadRow(df, res + i), LoadRow(df, x + i));
     StoreRow(df, sum, res + i);
     return Stored(df, sum, res);
-  };
-  return ChunkedSumOfSquares(width, QuadOf(full), full, [&](int64_t i, int64_t n) {
+  }
+  HWY_INLINE VF operator()(int64_t i, int64_t n) const {
+    const DF df;
     const VF sum = hn::Add(LoadTail(df, res + i, n), LoadTail(df, x + i, n));
     StoreTail(df, sum, res + i, n);
     return Stored(df, sum, res);
-  });
+  }
+};
+
+// residual += x, stored in T; returns the sum of squares of the stored values.
+template <typename T>
+double AddResidual(void* x_row, void* residual_row, int64_t width) {
+  const AddResidualStep<T> step{static_cast<const T*>(x_row), static_cast<T*>(residual_row)};
+  return ChunkedSumOfSquares(width, QuadOf(step), step, step);
 }
 
 // bf16 rows as pairs (see the NOTE on bf16 pairs; NaN as in RoundedHigh).
@@ -398,23 +407,14 @@ double AddResidual<bf16_bits>(void* x_row, void* residual_row, int64_t width) {
     v[0] = hn::BitCast(df, hn::And(even, high));
     v[1] = hn::BitCast(df, hn::And(odd, high));
   };
-  const auto full = [&](int64_t i) {
-    const VF sum = hn::Add(LoadRow(df, res + i), LoadRow(df, x + i));
-    StoreRow(df, sum, res + i);
-    return Stored(df, sum, res);
-  };
+  const AddResidualStep<bf16_bits> step{x, res};
   return ChunkedSumOfSquares(
       width,
       [&](int64_t i, VF* v) {
         add_pairs(i, v);
         add_pairs(i + 2 * lanes, v + 2);
       },
-      full,
-      [&](int64_t i, int64_t n) {
-        const VF sum = hn::Add(LoadTail(df, res + i, n), LoadTail(df, x + i, n));
-        StoreTail(df, sum, res + i, n);
-        return Stored(df, sum, res);
-      });
+      step, step);
 }
 
 // Elements of a row starting at p before p + them is aligned for Stream (all of `width` when

@@ -12,6 +12,8 @@
 #include <mutex>
 #include <random>
 
+#include "bench/amx_peak.h"
+#include "bench/avx512bf16_peak.h"
 #include "dispatch/runtime.h"
 #include "moekit/moekit.h"
 #include "kernels/moe/moe.h"
@@ -115,6 +117,35 @@ uint64_t read_pass(const Buffer& b, int threads) {
 }
 
 }  // namespace
+
+double register_peak_flops(moekit_isa level, int threads) {
+  double (*loop)(int64_t) = nullptr;
+  int64_t rounds = 0;  // per thread and pass: ~10-20 ms
+  if (level == MOEKIT_ISA_AMX) {
+    loop = amx_bf16_peak_loop;
+    rounds = 200000;
+  } else if (level == MOEKIT_ISA_AVX512_BF16) {
+    loop = avx512bf16_peak_loop;
+    rounds = 1000000;
+  }
+  if (loop == nullptr || moekit_detected_isa() < level) return 0.0;
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, double> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({level, threads});
+  if (it != cache.end()) return it->second;
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    double flops = 0.0;
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+    flops += loop(rounds);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, flops / s);
+  }
+  cache[{level, threads}] = best;
+  return best;
+}
 
 double streaming_read_bandwidth(int threads) {
   static std::mutex mu;

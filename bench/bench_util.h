@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "moekit/moekit.h"
+
 namespace moekit_bench {
 
 std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f);
@@ -19,6 +21,12 @@ double streaming_read_bandwidth(int threads);
 
 // Bytes the bandwidth probe reads per pass (at least 4x the last-level cache).
 size_t streaming_buffer_bytes();
+
+// Register-peak FLOP/s of `level`'s matrix instruction (MOEKIT_ISA_AMX: TDPBF16PS on loaded
+// tiles; MOEKIT_ISA_AVX512_BF16: VDPBF16PS on registers) on `threads` OpenMP threads, the best
+// of a few passes; measured on first use per (level, threads) and cached, like the bandwidth
+// above. 0 for other levels and on CPUs without that level (MOEKIT_ISA does not cap it).
+double register_peak_flops(moekit_isa level, int threads);
 
 }  // namespace moekit_bench
 

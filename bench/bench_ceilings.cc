@@ -13,54 +13,44 @@
 #include <string>
 #include <unordered_map>
 
-#include "bench/amx_peak.h"
-#include "bench/avx512bf16_peak.h"
 #include "bench/bench_util.h"
 #include "dispatch/runtime.h"
 #include "moekit/moekit.h"
 
 namespace {
 
-// A register-peak loop on state.range(0) threads: `loop(rounds)` runs on each thread and returns
-// the floating-point operations it did. Skipped on CPUs below `level` (a ceiling of the
-// machine: MOEKIT_ISA does not cap it).
-void RunPeak(benchmark::State& state, moekit_isa level, double (*loop)(int64_t), int64_t rounds) {
-  if (moekit_detected_isa() < level) {
+// A register peak on state.range(0) threads (moekit_bench::register_peak_flops: measured once
+// per process and thread count, so that the kernels' frac_*_peak counters in the same binary
+// divide by this very figure). Skipped on CPUs below `level` (a ceiling of the machine:
+// MOEKIT_ISA does not cap it).
+void RunPeak(benchmark::State& state, moekit_isa level) {
+  const int threads = static_cast<int>(state.range(0));
+  double peak = 0;
+  for (auto _ : state) peak = moekit_bench::register_peak_flops(level, threads);
+  if (peak <= 0) {
     state.SkipWithError((std::string("skipped: needs ") + moekit_isa_name(level) +
                          ", this CPU has " + moekit_isa_name(moekit_detected_isa()))
                             .c_str());
     return;
   }
-  const int threads = static_cast<int>(state.range(0));
-  double flops = 0;
-  for (auto _ : state) {
-    double done = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : done)
-    done += loop(rounds);
-    flops += done;
-  }
-  state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsRate);
+  state.counters["FLOP/s"] = peak;
   state.counters["threads"] = threads;
 }
 
-// Rounds of six TDPBF16PS per thread per benchmark iteration (~25 ms at 16 cycles each, 2 GHz).
-void BM_AmxBf16Peak(benchmark::State& state) {
-  RunPeak(state, MOEKIT_ISA_AMX, moekit_bench::amx_bf16_peak_loop, 500000);
-}
+// TDPBF16PS on loaded tiles, six accumulators (bench/amx_peak.cc).
+void BM_AmxBf16Peak(benchmark::State& state) { RunPeak(state, MOEKIT_ISA_AMX); }
 BENCHMARK(BM_AmxBf16Peak)
     ->Arg(1)
     ->Arg(moekit::num_threads())
-    ->UseRealTime()
+    ->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
-// Rounds of twelve VDPBF16PS per thread per benchmark iteration (~15 ms).
-void BM_Avx512Bf16Peak(benchmark::State& state) {
-  RunPeak(state, MOEKIT_ISA_AVX512_BF16, moekit_bench::avx512bf16_peak_loop, 2000000);
-}
+// VDPBF16PS on registers, twelve accumulators (bench/avx512bf16_peak.cc).
+void BM_Avx512Bf16Peak(benchmark::State& state) { RunPeak(state, MOEKIT_ISA_AVX512_BF16); }
 BENCHMARK(BM_Avx512Bf16Peak)
     ->Arg(1)
     ->Arg(moekit::num_threads())
-    ->UseRealTime()
+    ->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
 // oneDNN matmul dst[M][N] (f32) = src[M][K] (bf16) x weights[K][N] (bf16), the weights

@@ -4,7 +4,9 @@
 // BM_FusedMoe/<impl>/M:<M>        every fused_moe implementation this CPU runs, bf16 weights,
 //                                 bf16 hidden and output (scalar only for M <= 4).
 // BM_FusedMoeRef/M:<M>            the reference (M <= 4 only: it works in double).
-// BM_RegisterPeak/<level>         the avx512_bf16 and amx register peaks on the same threads.
+// BM_AmxBf16Peak, BM_Avx512Bf16Peak, BM_OnednnMatmulBf16, BM_StreamingRead
+//                                 the machine's ceilings (bench_ceilings.cc, compiled in here
+//                                 too), measured in the same run as the kernels.
 // BM_FusedMoeShared/M:<M>         one shared expert (I_s = 1536, bf16) added to the routed call
 //                                 (moekit_fused_moe_shared's path), M in {1, 1024}: the chosen
 //                                 implementation timed with and without it in the same run;
@@ -26,7 +28,7 @@
 //               x_avx512bf16 (oneDNN rows)  the same against fused_moe_bf16_avx512bf16_vnni;
 //               frac_bf16_peak / frac_amx_peak (bf16 rows)  GFLOPs over the VDPBF16PS / TDPBF16PS
 //               register peak of the same threads, measured by this binary
-//               (BM_RegisterPeak/<level>, skipped on CPUs without the level).
+//               (BM_Avx512Bf16Peak / BM_AmxBf16Peak; absent on CPUs without the level).
 // oneDNN picks its own ISA (AMX here); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it to the
 // AVX-512-BF16 kernels for a like-for-like comparison with the avx512bf16 implementation.
 // Every call takes the next of several routings so that decode calls stream weights from memory
@@ -361,7 +363,7 @@ void set_counters(benchmark::State& state, int64_t M, double seconds, double dis
   state.counters["bw_frac"] =
       weight_bytes / seconds / moekit_bench::streaming_read_bandwidth(threads());
   state.counters["GFLOPs"] = flops / seconds * 1e-9;
-  // bf16 rows against the register peaks of the same threads (BM_RegisterPeak rows).
+  // bf16 rows against the register peaks of the same threads (BM_*Bf16Peak rows).
   if (weight_elem == 2)
     for (const auto& [level, counter] : {std::pair{MOEKIT_ISA_AVX512_BF16, "frac_bf16_peak"},
                                          std::pair{MOEKIT_ISA_AMX, "frac_amx_peak"}})
@@ -592,19 +594,6 @@ int register_all() {
         reg(std::string("BM_FusedMoe/") + impls[i].name + "/M:" + std::to_string(M),
             [i, M](benchmark::State& s) { BM_FusedMoe(s, i, M, false); });
   });
-  // The register peaks that the frac_*_peak counters divide by (skipped without the level).
-  for (const moekit_isa level : {MOEKIT_ISA_AVX512_BF16, MOEKIT_ISA_AMX})
-    benchmark::RegisterBenchmark(
-        (std::string("BM_RegisterPeak/") + moekit_isa_name(level)).c_str(),
-        [level](benchmark::State& state) {
-          double peak = 0;
-          for (auto _ : state) peak = moekit_bench::register_peak_flops(level, threads());
-          if (peak <= 0) state.SkipWithError("skipped: this CPU lacks the level");
-          state.counters["TFLOPs"] = peak * 1e-12;
-          state.counters["threads"] = threads();
-        })
-        ->Iterations(1)
-        ->Unit(benchmark::kMillisecond);
   for (int64_t M : {1, 4})
     reg("BM_FusedMoeRef/M:" + std::to_string(M),
         [M](benchmark::State& s) { BM_FusedMoeRef(s, M); });

@@ -11,6 +11,14 @@ namespace moekit_bench {
 // (configuring and releasing its tiles) and returns the floating-point operations done.
 double amx_bf16_peak_loop(int64_t iterations);
 
+// The fused-MoE kernels' inner loop on its own: `repeats` times one 32 x 32 output step (2 x 2
+// accumulator tiles) over k_blocks blocks of 32 K values, A 32 bf16 rows at stride lda elements,
+// B two column tiles of k_blocks 1 KiB tiles each, one after the other. Returns the
+// floating-point operations done. How fast it runs against amx_bf16_peak_loop, as the operands'
+// footprint grows past L1 and L2, is the ceiling of any kernel built on this step.
+double amx_tile_loop_2x2(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t k_blocks,
+                         int64_t repeats);
+
 }  // namespace moekit_bench
 
 #endif  // MOEKIT_BENCH_AMX_PEAK_H_

@@ -21,6 +21,7 @@
 #include "dispatch/cpu_features.h"
 #include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe_microkernel.h"
+#include "kernels/moe/moe_simd_avx512-inl.h"
 
 namespace moekit {
 namespace {
@@ -158,36 +159,6 @@ L2Prefetch prefetch_for_step(const void* p0, const void* p1, int64_t lines, int6
   return pf;
 }
 
-// Mask of the first n (0..16) lanes.
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
-// exp(x) for x clamped to [-88, 88]: 2^n * p(r), r = x - n ln2, |r| <= ln2/2, p the degree-6
-// Taylor polynomial (relative error ~1e-7). NaN becomes a finite value; callers keep NaN alive
-// through the other factor.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// silu(g) * u = g / (1 + exp(-g)) * u.
-inline __m512 silu_mul(__m512 g, __m512 u) {
-  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
-  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
-}
-
 inline void store_bf16x16(uint16_t* dst, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                       reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
@@ -231,7 +202,7 @@ void amx_gemm_bf16(const uint16_t* a, int64_t a_stride, int64_t rows, const uint
         for (int t = 0; t < col_tiles; ++t) {
           const int64_t n = n0 + t * kAmxTileN;
           if (n >= N) break;
-          _mm512_mask_storeu_ps(c + (m0 + r) * c_stride + n, first_lanes(N - n),
+          _mm512_mask_storeu_ps(c + (m0 + r) * c_stride + n, avx512::lanes(N - n),
                                 _mm512_load_ps(scratch + r * kStepCols + t * kAmxTileN));
         }
     }
@@ -256,7 +227,7 @@ void amx_gate_up_silu(const uint16_t* x, int64_t x_stride, int64_t rows, const u
       // Padded weight rows are zero, so columns past I come out as silu(0) * 0 = 0.
       for (int64_t r = 0; r < row_tiles * kAmxTileM; ++r)
         store_bf16x16(act + (m0 + r) * act_stride + nb * kAmxTileN,
-                      silu_mul(_mm512_load_ps(scratch + r * kStepCols),
+                      avx512::silu_mul(_mm512_load_ps(scratch + r * kStepCols),
                                _mm512_load_ps(scratch + r * kStepCols + kAmxTileN)));
     }
   }
@@ -290,7 +261,7 @@ void amx_down_weighted(const uint16_t* act, int64_t act_stride, int64_t rows,
         for (int t = 0; t < col_tiles; ++t) {
           const int64_t n = n0 + t * kAmxTileN;
           if (n >= H) break;
-          const __mmask16 mask = first_lanes(H - n);
+          const __mmask16 mask = avx512::lanes(H - n);
           __m512 v = _mm512_mul_ps(weight, _mm512_load_ps(scratch + r * kStepCols + t * kAmxTileN));
           if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out + n), v);
           _mm512_mask_storeu_ps(out + n, mask, v);
@@ -374,7 +345,7 @@ void gate_up_rows(const MoeGateUpCall& call, const uint16_t* a, int64_t a_stride
   // The f32 sums of every row step for one column block (gate | up).
   alignas(64) float sums[kAmxBlockM * kStepCols];
   for (int64_t nb = 0; nb * kAmxTileN < call.n; ++nb) {
-    const __mmask16 cols = first_lanes(call.n - nb * kAmxTileN);
+    const __mmask16 cols = avx512::lanes(call.n - nb * kAmxTileN);
     const uint16_t* gate = w1 + nb * panel_elems;
     const uint16_t* up = w3 + nb * panel_elems;
     // The next column block's gate and up tiles are pulled into L2 during this one.
@@ -385,7 +356,7 @@ void gate_up_rows(const MoeGateUpCall& call, const uint16_t* a, int64_t a_stride
                prefetch_for_step(has_next ? gate + panel_elems : nullptr, up + panel_elems,
                                  block_lines, m0 / kStepRows, steps, k_blocks));
     for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = silu_mul(_mm512_load_ps(sums + r * kStepCols),
+      const __m512 v = avx512::silu_mul(_mm512_load_ps(sums + r * kStepCols),
                                 _mm512_load_ps(sums + r * kStepCols + kAmxTileN));
       _mm256_mask_storeu_epi16(act + r * call.ld_act + nb * kAmxTileN, cols,
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
@@ -430,7 +401,7 @@ void pipeline_down(const MoeDownCall& call) {
       float* out = call.out + call.out_rows[m0 + r] * call.ld_out;
       const __m512 weight = _mm512_set1_ps(call.row_weight[m0 + r]);
       for (int64_t n = 0; n < call.n; n += kAmxTileN) {
-        const __mmask16 mask = first_lanes(call.n - n);
+        const __mmask16 mask = avx512::lanes(call.n - n);
         const __m512 prev = _mm512_maskz_loadu_ps(mask, out + n);
         _mm512_mask_storeu_ps(
             out + n, mask,

@@ -1,5 +1,6 @@
 // AVX-512 helpers shared by the fused-MoE microkernels compiled for AVX-512 (include only from
-// translation units built with the avx512 or avx512_bf16 flags): exp, SiLU and masked stores.
+// translation units built with the avx512, avx512_bf16 or amx flags): exp, SiLU and masked
+// stores.
 #ifndef MOEKIT_KERNELS_MOE_MOE_SIMD_AVX512_INL_H_
 #define MOEKIT_KERNELS_MOE_MOE_SIMD_AVX512_INL_H_
 

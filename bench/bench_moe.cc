@@ -6,7 +6,8 @@
 // BM_FusedMoeRef/M:<M>            the reference (M <= 4 only: it works in double).
 // BM_AmxBf16Peak, BM_Avx512Bf16Peak, BM_OnednnMatmulBf16, BM_StreamingRead
 //                                 the machine's ceilings (bench_ceilings.cc, compiled in here
-//                                 too), measured in the same run as the kernels.
+//                                 too, with its BM_AmxTileLoop), measured in the same run as
+//                                 the kernels.
 // BM_FusedMoeShared/M:<M>         one shared expert (I_s = 1536, bf16) added to the routed call
 //                                 (moekit_fused_moe_shared's path), M in {1, 1024}: the chosen
 //                                 implementation timed with and without it in the same run;

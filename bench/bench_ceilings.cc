@@ -71,7 +71,8 @@ void BM_AmxTileLoop(benchmark::State& state) {
   const int64_t lda = k_blocks * 32 + 32;
   moekit::AlignedBytes a = moekit::aligned_alloc_bytes(static_cast<size_t>(32 * lda * 2));
   moekit::AlignedBytes b = moekit::aligned_alloc_bytes(static_cast<size_t>(2 * k_blocks * 1024));
-  const auto values = moekit_bench::random_bf16(static_cast<size_t>(32 * lda + 2 * k_blocks * 512), 3);
+  const auto values =
+      moekit_bench::random_bf16(static_cast<size_t>(32 * lda + 2 * k_blocks * 512), 3);
   std::copy(values.begin(), values.begin() + 32 * lda, reinterpret_cast<uint16_t*>(a.get()));
   std::copy(values.begin() + 32 * lda, values.end(), reinterpret_cast<uint16_t*>(b.get()));
   const int64_t repeats = std::max<int64_t>(1, 2000 / k_blocks);  // ~0.5 ms per iteration

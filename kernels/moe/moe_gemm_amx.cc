@@ -228,7 +228,7 @@ void amx_gate_up_silu(const uint16_t* x, int64_t x_stride, int64_t rows, const u
       for (int64_t r = 0; r < row_tiles * kAmxTileM; ++r)
         store_bf16x16(act + (m0 + r) * act_stride + nb * kAmxTileN,
                       avx512::silu_mul(_mm512_load_ps(scratch + r * kStepCols),
-                               _mm512_load_ps(scratch + r * kStepCols + kAmxTileN)));
+                                       _mm512_load_ps(scratch + r * kStepCols + kAmxTileN)));
     }
   }
   // The down GEMM reduces over amx_padded_k(I) columns; clear the ones no tile wrote.
@@ -357,7 +357,7 @@ void gate_up_rows(const MoeGateUpCall& call, const uint16_t* a, int64_t a_stride
                                  block_lines, m0 / kStepRows, steps, k_blocks));
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 v = avx512::silu_mul(_mm512_load_ps(sums + r * kStepCols),
-                                _mm512_load_ps(sums + r * kStepCols + kAmxTileN));
+                                        _mm512_load_ps(sums + r * kStepCols + kAmxTileN));
       _mm256_mask_storeu_epi16(act + r * call.ld_act + nb * kAmxTileN, cols,
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }

@@ -1,6 +1,6 @@
 // The machine's ceilings, measured in-process beside each other: the AMX-BF16 register peak
 // (TDPBF16PS on loaded tiles, per thread and on all threads), the AVX-512-BF16 one (VDPBF16PS on
-// registers), one large oneDNN bf16 matmul
+// registers), the AVX-512 f32 FMA one, one large oneDNN bf16 matmul
 // (4096^3, the practical compute ceiling a library reaches), and BM_StreamingRead (the memory
 // ceiling, from bench_util.cc). Kernel benchmarks quote their FLOP/s and bytes/s against these.
 // BM_AmxTileLoop times the AMX kernels' 2 x 2 tile step alone as its operands outgrow L1 and L2.
@@ -52,6 +52,15 @@ BENCHMARK(BM_AmxBf16Peak)
 // VDPBF16PS on registers, twelve accumulators (bench/avx512bf16_peak.cc).
 void BM_Avx512Bf16Peak(benchmark::State& state) { RunPeak(state, MOEKIT_ISA_AVX512_BF16); }
 BENCHMARK(BM_Avx512Bf16Peak)
+    ->Arg(1)
+    ->Arg(moekit::num_threads())
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+
+// f32 FMA on registers, 24 accumulators (bench/avx512fma_peak.cc): what the AVX-512-BF16
+// kernel's FMA path (MOEKIT_BF16_FMA_MIN_ROWS) runs against.
+void BM_Avx512FmaPeak(benchmark::State& state) { RunPeak(state, MOEKIT_ISA_AVX512); }
+BENCHMARK(BM_Avx512FmaPeak)
     ->Arg(1)
     ->Arg(moekit::num_threads())
     ->Iterations(1)

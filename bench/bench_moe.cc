@@ -4,7 +4,7 @@
 // BM_FusedMoe/<impl>/M:<M>        every fused_moe implementation this CPU runs, bf16 weights,
 //                                 bf16 hidden and output (scalar only for M <= 4).
 // BM_FusedMoeRef/M:<M>            the reference (M <= 4 only: it works in double).
-// BM_AmxBf16Peak, BM_Avx512Bf16Peak, BM_OnednnMatmulBf16, BM_StreamingRead
+// BM_AmxBf16Peak, BM_Avx512Bf16Peak, BM_Avx512FmaPeak, BM_OnednnMatmulBf16, BM_StreamingRead
 //                                 the machine's ceilings (bench_ceilings.cc, compiled in here
 //                                 too, with its BM_AmxTileLoop), measured in the same run as
 //                                 the kernels.
@@ -27,9 +27,11 @@
 //               routed pair;  x_moekit (on baseline rows)  baseline time / the time of the
 //               implementation dispatch chooses for that dtype (> 1: moekit is faster);
 //               x_avx512bf16 (oneDNN rows)  the same against fused_moe_bf16_avx512bf16_vnni;
-//               frac_bf16_peak / frac_amx_peak (bf16 rows)  GFLOPs over the VDPBF16PS / TDPBF16PS
-//               register peak of the same threads, measured by this binary
-//               (BM_Avx512Bf16Peak / BM_AmxBf16Peak; absent on CPUs without the level).
+//               frac_fma_peak / frac_bf16_peak / frac_amx_peak (bf16 rows)  GFLOPs over the
+//               f32 FMA / VDPBF16PS / TDPBF16PS register peak of the same threads, measured by
+//               this binary (BM_Avx512FmaPeak / BM_Avx512Bf16Peak / BM_AmxBf16Peak; absent on
+//               CPUs without the level). The avx512bf16 implementation runs f32 FMA on expert
+//               segments of at least MOEKIT_BF16_FMA_MIN_ROWS rows (moe_microkernel.h).
 // oneDNN picks its own ISA (AMX here); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it to the
 // AVX-512-BF16 kernels for a like-for-like comparison with the avx512bf16 implementation.
 // Every call takes the next of several routings so that decode calls stream weights from memory
@@ -366,7 +368,8 @@ void set_counters(benchmark::State& state, int64_t M, double seconds, double dis
   state.counters["GFLOPs"] = flops / seconds * 1e-9;
   // bf16 rows against the register peaks of the same threads (BM_*Bf16Peak rows).
   if (weight_elem == 2)
-    for (const auto& [level, counter] : {std::pair{MOEKIT_ISA_AVX512_BF16, "frac_bf16_peak"},
+    for (const auto& [level, counter] : {std::pair{MOEKIT_ISA_AVX512, "frac_fma_peak"},
+                                         std::pair{MOEKIT_ISA_AVX512_BF16, "frac_bf16_peak"},
                                          std::pair{MOEKIT_ISA_AMX, "frac_amx_peak"}})
       if (const double peak = moekit_bench::register_peak_flops(level, threads()); peak > 0)
         state.counters[counter] = flops / seconds / peak;

@@ -14,9 +14,10 @@
 
 #include "bench/amx_peak.h"
 #include "bench/avx512bf16_peak.h"
+#include "bench/avx512fma_peak.h"
 #include "dispatch/runtime.h"
-#include "moekit/moekit.h"
 #include "kernels/moe/moe.h"
+#include "moekit/moekit.h"
 #include "reference/numeric.h"
 
 namespace moekit_bench {
@@ -126,6 +127,9 @@ double register_peak_flops(moekit_isa level, int threads) {
     rounds = 200000;
   } else if (level == MOEKIT_ISA_AVX512_BF16) {
     loop = avx512bf16_peak_loop;
+    rounds = 1000000;
+  } else if (level == MOEKIT_ISA_AVX512) {
+    loop = avx512fma_peak_loop;
     rounds = 1000000;
   }
   if (loop == nullptr || moekit_detected_isa() < level) return 0.0;

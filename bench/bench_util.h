@@ -23,7 +23,8 @@ double streaming_read_bandwidth(int threads);
 size_t streaming_buffer_bytes();
 
 // Register-peak FLOP/s of `level`'s matrix instruction (MOEKIT_ISA_AMX: TDPBF16PS on loaded
-// tiles; MOEKIT_ISA_AVX512_BF16: VDPBF16PS on registers) on `threads` OpenMP threads, the best
+// tiles; MOEKIT_ISA_AVX512_BF16: VDPBF16PS on registers; MOEKIT_ISA_AVX512: f32 FMA on
+// registers) on `threads` OpenMP threads, the best
 // of a few passes; measured on first use per (level, threads) and cached, like the bandwidth
 // above. 0 for other levels and on CPUs without that level (MOEKIT_ISA does not cap it).
 double register_peak_flops(moekit_isa level, int threads);

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "dispatch/cpu_features.h"
 #include "dispatch/runtime.h"
 #include "kernels/moe/moe_microkernel.h"
 #include "reference/reference.h"
@@ -147,9 +148,16 @@ struct NamedKernel {
   const MoeMicrokernel& (*get)();
   moekit_isa level;
   const char* name;
+  // The AVX-512-BF16 kernel runs each of its paths whatever the CPU: bf16_fma_min_rows forced
+  // to 1 (f32 FMA on every call) or to never (VDPBF16PS); 0 leaves the threshold alone.
+  int64_t fma_min_rows = 0;
+  const char* suffix = "";
 };
 const NamedKernel kKernels[] = {
-    {moekit::moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16, "fused_moe_bf16_avx512bf16_vnni"},
+    {moekit::moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16,
+     "fused_moe_bf16_avx512bf16_vnni", 1, "_fma_path"},
+    {moekit::moe_microkernel_bf16_avx512bf16, MOEKIT_ISA_AVX512_BF16,
+     "fused_moe_bf16_avx512bf16_vnni", moekit::kBf16FmaNever, "_dpbf16_path"},
     {moekit::moe_microkernel_bf16_avx512, MOEKIT_ISA_AVX512, "fused_moe_bf16_avx512_vnni"},
     {moekit::moe_microkernel_f32_avx512, MOEKIT_ISA_AVX512, "fused_moe_f32_avx512_vnni"},
     {moekit::moe_microkernel_bf16_avx2, MOEKIT_ISA_AVX2, "fused_moe_bf16_avx2_vnni"},
@@ -167,7 +175,9 @@ class MoeMicrokernelTest : public ::testing::TestWithParam<int> {
       GTEST_SKIP() << k.name << " needs " << moekit_isa_name(k.level) << ", this CPU has "
                    << moekit_isa_name(moekit_detected_isa());
     ASSERT_STREQ(uk().name, k.name);
+    if (k.fma_min_rows > 0) moekit::bf16_fma_set_min_rows(k.fma_min_rows);
   }
+  void TearDown() override { moekit::bf16_fma_set_min_rows(0); }
 };
 
 // Operand rows in the kernel's activation dtype.
@@ -192,13 +202,14 @@ std::vector<unsigned char> packed_matrix(moekit_dtype dt, const std::vector<floa
 
 // down: out[token] += weight * act . w2 with integer act/w2 in [-4, 4] and weights 1, 0.5, 2:
 // every product and sum is exact, so the kernel must equal the integer GEMM bit for bit. Sweeps
-// K and n around the pair (2), panel (16) and tile sizes, m around the register rows, and
-// includes two rows of the same token (their additions must both land).
+// K and n around the pair (2), panel (16), tile and K-chunk (64) sizes, m around the register
+// rows and past 128 (the FMA path's row block), and includes two rows of the same token (their
+// additions must both land).
 TEST_P(MoeMicrokernelTest, DownIsExactOnSmallIntegers) {
   const MoeMicrokernel& k = uk();
-  for (int64_t K : {1, 2, 3, 31, 32, 33, 64, 95})
+  for (int64_t K : {1, 2, 3, 31, 32, 33, 64, 95, 129})
     for (int64_t n : {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, k.down_n - 1, k.down_n})
-      for (int64_t m : {1, 2, 5, 7, 13}) {
+      for (int64_t m : {1, 2, 5, 7, 13, 130}) {
         if (n > k.down_n) continue;  // the contract: n <= down_n
         const int64_t N = n + 16;    // the tile starts at panel 1 of a wider matrix
         const std::vector<float> act = moekit_test::random_ints(m * K, 11 + K + m);
@@ -249,7 +260,7 @@ TEST_P(MoeMicrokernelTest, GateUpIsExactOnSmallIntegers) {
   for (int64_t K : {1, 2, 3, 31, 32, 33, 64, 129})
     for (int64_t n :
          {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, k.gate_up_n - 1, k.gate_up_n})
-      for (int64_t m : {1, 3, 6, 7, 13}) {
+      for (int64_t m : {1, 3, 6, 7, 13, 130}) {
         if (n > k.gate_up_n) continue;  // the contract: n <= gate_up_n
         const int64_t N = n + 16, tokens = m + 2, lda = K + 5;
         std::vector<float> x = moekit_test::random_ints(tokens * lda, 21 + K + m, 0, 4);
@@ -300,9 +311,11 @@ TEST_P(MoeMicrokernelTest, GateUpIsExactOnSmallIntegers) {
       }
 }
 
-INSTANTIATE_TEST_SUITE_P(All, MoeMicrokernelTest, ::testing::Range(0, 7),
+INSTANTIATE_TEST_SUITE_P(All, MoeMicrokernelTest,
+                         ::testing::Range(0, static_cast<int>(std::size(kKernels))),
                          [](const testing::TestParamInfo<int>& info) {
-                           return std::string(kKernels[info.param].name);
+                           return std::string(kKernels[info.param].name) +
+                                  kKernels[info.param].suffix;
                          });
 
 // ---- the fused pipeline vs the reference ---------------------------------------------------
@@ -437,6 +450,12 @@ const Problem& problem(int case_index, int combo_index) {
   return p;
 }
 
+// Forces the AVX-512-BF16 kernel's FMA threshold (n > 0) for a scope; n = 0 leaves it alone.
+struct FmaRowsScope {
+  explicit FmaRowsScope(int64_t n) { moekit::bf16_fma_set_min_rows(n); }
+  ~FmaRowsScope() { moekit::bf16_fma_set_min_rows(0); }
+};
+
 class FusedMoeTest : public ::testing::TestWithParam<int> {
  protected:
   const moekit::Impl<FusedMoeArgs>& impl() const { return moekit::fused_moe_impls()[GetParam()]; }
@@ -464,33 +483,42 @@ TEST_P(FusedMoeTest, MatchesReference) {
   if (is_reference()) GTEST_SKIP() << "the reference is the oracle";
   if (std::string(impl().name).find("_fp8_") != std::string::npos)
     GTEST_SKIP() << "FP8 weights are tested by tests/test_moe_fp8.cc";
-  int ran = 0;
-  for (int ci = 0; ci < static_cast<int>(std::size(kCases)); ++ci)
-    for (int oi = 0; oi < static_cast<int>(std::size(kCombos)); ++oi) {
-      const Problem& p = problem(ci, oi);
-      std::vector<unsigned char> out;
-      if (!run(p, moekit::num_threads(), &out)) continue;
-      ++ran;
-      const bool out_bf16 = p.combo.out == MOEKIT_BF16;
-      const double K = static_cast<double>(std::max(p.c.H, p.c.I));
-      const double tol =
-          bf16_operands() ? std::ldexp(1.0, -6) : 64 * std::ldexp(1.0, -24) * std::sqrt(K);
-      for (int64_t m = 0; m < p.c.M; ++m)
-        for (int64_t h = 0; h < p.ld; ++h) {
-          const float got = moekit::load_float(out.data(), out_bf16, m * p.ld + h);
-          if (h >= p.c.H) {
-            ASSERT_TRUE(std::isnan(got)) << p.c.name << ": stride gap written at " << m << "," << h;
-            continue;
+  // Implementations that run the AVX-512-BF16 microkernel (bf16 weights; AMX sends it its small
+  // segments) are checked with its threshold at this CPU's default, and forced to each path.
+  std::vector<int64_t> fma_modes = {0};
+  if (bf16_operands()) fma_modes = {0, 1, moekit::kBf16FmaNever};
+  for (const int64_t fma_rows : fma_modes) {
+    SCOPED_TRACE("bf16_fma_min_rows " + std::to_string(fma_rows));
+    const FmaRowsScope scope(fma_rows);
+    int ran = 0;
+    for (int ci = 0; ci < static_cast<int>(std::size(kCases)); ++ci)
+      for (int oi = 0; oi < static_cast<int>(std::size(kCombos)); ++oi) {
+        const Problem& p = problem(ci, oi);
+        std::vector<unsigned char> out;
+        if (!run(p, moekit::num_threads(), &out)) continue;
+        ++ran;
+        const bool out_bf16 = p.combo.out == MOEKIT_BF16;
+        const double K = static_cast<double>(std::max(p.c.H, p.c.I));
+        const double tol =
+            bf16_operands() ? std::ldexp(1.0, -6) : 64 * std::ldexp(1.0, -24) * std::sqrt(K);
+        for (int64_t m = 0; m < p.c.M; ++m)
+          for (int64_t h = 0; h < p.ld; ++h) {
+            const float got = moekit::load_float(out.data(), out_bf16, m * p.ld + h);
+            if (h >= p.c.H) {
+              ASSERT_TRUE(std::isnan(got))
+                  << p.c.name << ": stride gap written at " << m << "," << h;
+              continue;
+            }
+            const float want = p.ref[m * p.c.H + h];
+            const double bound = tol * p.scale + (out_bf16 ? std::ldexp(std::fabs(want), -7) : 0.0);
+            ASSERT_LE(std::fabs(static_cast<double>(got) - want), bound)
+                << p.c.name << " combo " << oi << " at [" << m << ", " << h << "]: got " << got
+                << ", reference " << want << " (scale " << p.scale << ")";
           }
-          const float want = p.ref[m * p.c.H + h];
-          const double bound = tol * p.scale + (out_bf16 ? std::ldexp(std::fabs(want), -7) : 0.0);
-          ASSERT_LE(std::fabs(static_cast<double>(got) - want), bound)
-              << p.c.name << " combo " << oi << " at [" << m << ", " << h << "]: got " << got
-              << ", reference " << want << " (scale " << p.scale << ")";
-        }
-    }
-  // Each implementation serves one weight dtype: half the combos.
-  EXPECT_EQ(ran, static_cast<int>(std::size(kCases) * std::size(kCombos) / 2));
+      }
+    // Each implementation serves one weight dtype: half the combos.
+    EXPECT_EQ(ran, static_cast<int>(std::size(kCases) * std::size(kCombos) / 2));
+  }
 }
 
 TEST_P(FusedMoeTest, SameBitsForOneAndTwoThreads) {
@@ -518,6 +546,22 @@ INSTANTIATE_TEST_SUITE_P(All, FusedMoeTest,
 
 // The fast kernels serve odd hidden sizes (no fallback to the reference), and the chooser
 // picks the best one for each weight dtype at this machine's level.
+// The FMA threshold: an override wins and is removed again; without MOEKIT_BF16_FMA_MIN_ROWS
+// the default follows the CPU's vendor (moe_microkernel.h).
+TEST(Bf16FmaThreshold, OverrideAndDefault) {
+  const int64_t initial = moekit::bf16_fma_min_rows();
+  EXPECT_GE(initial, 1);
+  {
+    const FmaRowsScope scope(5);
+    EXPECT_EQ(moekit::bf16_fma_min_rows(), 5);
+  }
+  EXPECT_EQ(moekit::bf16_fma_min_rows(), initial);
+  if (std::getenv("MOEKIT_BF16_FMA_MIN_ROWS") == nullptr) {
+    const bool intel = moekit::cpu_features().vendor == "GenuineIntel";
+    EXPECT_EQ(initial, intel ? moekit::kBf16FmaDefaultMinRows : moekit::kBf16FmaNever);
+  }
+}
+
 TEST(FusedMoeDispatch, OddHiddenDoesNotFallBack) {
   for (moekit_dtype dt : {MOEKIT_BF16, MOEKIT_F32}) {
     moekit_experts handle;

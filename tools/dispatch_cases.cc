@@ -6,6 +6,7 @@
 #include "dispatch/registry.h"
 #include "kernels/moe/moe.h"
 #include "kernels/moe/moe_amx.h"
+#include "kernels/moe/moe_microkernel.h"
 #include "kernels/rmsnorm/rmsnorm.h"
 #include "kernels/topk/topk.h"
 
@@ -121,6 +122,15 @@ std::vector<ChosenImpl> choose_for_minimax_cases() {
                                  : std::string(wt == MOEKIT_FP8_E4M3 ? "avx512vbmi" : "avx512bf16") +
                                        " (AMX from " + std::to_string(min_rows) +
                                        " rows, MOEKIT_AMX_MIN_ROWS)");
+      } else if (std::string(impl).find("bf16_avx512bf16") != std::string::npos) {
+        const int64_t rows = std::max<int64_t>(1, (s.M * kTopK + kExperts - 1) / kExperts);
+        const int64_t min_rows = bf16_fma_min_rows();
+        note = "expert segments of about " + std::to_string(rows) + " row(s) run on " +
+               (rows >= min_rows ? "f32 FMA" : "VDPBF16PS") +
+               (min_rows == kBf16FmaNever
+                    ? std::string(" (FMA not used on this CPU, MOEKIT_BF16_FMA_MIN_ROWS)")
+                    : " (FMA from " + std::to_string(min_rows) +
+                          " rows, MOEKIT_BF16_FMA_MIN_ROWS)");
       }
       out.push_back({"fused_moe", s.name, moekit_dtype_name(wt), impl, note});
     }

@@ -164,9 +164,11 @@ struct MoeMicrokernel {
 const void* vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatrix which, int64_t n0,
                              int64_t n, void* scratch);
 
+// Scratch the AVX-512-BF16 microkernel's FMA path needs whatever K (see bf16_fma_min_rows).
+constexpr size_t kMoeFmaScratchBytes = 128 * 1024;
 // Bytes of one per-thread scratch region: a tile of kMoeMaxTileN columns of K (4 bytes per
-// value). Each thread gets three regions of K = max(H, I): the w1 tile (also used for w2), the
-// w3 tile, and MoeGateUpCall/MoeDownCall::scratch.
+// value), and at least kMoeFmaScratchBytes. Each thread gets three regions of K = max(H, I): the
+// w1 tile (also used for w2), the w3 tile, and MoeGateUpCall/MoeDownCall::scratch.
 size_t moe_tile_scratch_bytes(int64_t K);
 // Bytes of the sorted-A piece of the workspace for `rows` routed rows (see moe_workspace_size).
 size_t moe_sorted_a_bytes(int64_t rows, int64_t H);
@@ -174,6 +176,23 @@ size_t moe_sorted_a_bytes(int64_t rows, int64_t H);
 // nullptr when the pipeline with `uk` can serve `a` (layout, dtypes), else why not.
 const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a);
 void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a);
+
+// NOTE (bf16 FMA path): the AVX-512-BF16 microkernel runs a call of at least
+// bf16_fma_min_rows() rows as f32 FMA over weights widened to f32 one K chunk at a time, and
+// fewer rows with VDPBF16PS. Intel cores issue VDPBF16PS at half the FLOP rate of f32 FMA
+// (bench_ceilings: BM_Avx512Bf16Peak against BM_Avx512FmaPeak), and from a few rows the widening
+// costs less than it gains; with one or two rows both wait on the weights and VDPBF16PS reads
+// them as they are. On other vendors' CPUs this is not measured, and VDPBF16PS (twice the work
+// of an FMA per instruction) stays: the threshold is "never". The choice depends on the CPU and
+// the shapes only, so results stay reproducible.
+constexpr int64_t kBf16FmaDefaultMinRows = 8;  // measured with bench_moe, bench/RESULTS.md
+constexpr int64_t kBf16FmaNever = INT64_MAX;
+// The threshold in force: bf16_fma_set_min_rows(n > 0), else MOEKIT_BF16_FMA_MIN_ROWS (read
+// once; "never" or a row count >= 1), else kBf16FmaDefaultMinRows on Intel CPUs and
+// kBf16FmaNever on others.
+int64_t bf16_fma_min_rows();
+// Overrides the threshold for this process (benchmarks, tests); n <= 0 removes the override.
+void bf16_fma_set_min_rows(int64_t rows);
 
 // The microkernels of this family (each defined in its ISA's translation unit).
 const MoeMicrokernel& moe_microkernel_bf16_avx512bf16();

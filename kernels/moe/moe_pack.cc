@@ -170,7 +170,7 @@ const void* vnni_weight_tile(const moekit_experts& w, int64_t e, ExpertMatrix wh
 }
 
 size_t moe_tile_scratch_bytes(int64_t K) {
-  return static_cast<size_t>(kMoeMaxTileN * vnni_padded_k(K)) * 4;
+  return std::max(static_cast<size_t>(kMoeMaxTileN * vnni_padded_k(K)) * 4, kMoeFmaScratchBytes);
 }
 
 // NOTE: the pieces, each 64-byte aligned (R = M * (k + S) rows: the routed pairs and one row

@@ -13,6 +13,7 @@ moekit_isa_sources(amx kernels/moe/moe_gemm_amx.cc)
 # Blockwise expert matmul: the generic pipeline and packing (plain C++), one microkernel file
 # per ISA level.
 list(APPEND MOEKIT_SOURCES kernels/moe/moe_pipeline.cc kernels/moe/moe_align.cc
+  kernels/moe/moe_thresholds.cc
   kernels/moe/moe_gemm_scalar.cc)
 moekit_isa_sources(avx2 kernels/moe/moe_gemm_avx2.cc)
 moekit_isa_sources(avx512 kernels/moe/moe_gemm_avx512.cc)

@@ -128,7 +128,7 @@ std::vector<ChosenImpl> choose_for_minimax_cases() {
         note = "expert segments of about " + std::to_string(rows) + " row(s) run on " +
                (rows >= min_rows ? "f32 FMA" : "VDPBF16PS") +
                (min_rows == kBf16FmaNever
-                    ? std::string(" (FMA not used on this CPU, MOEKIT_BF16_FMA_MIN_ROWS)")
+                    ? std::string(" (FMA off here: not an Intel CPU, or MOEKIT_BF16_FMA_MIN_ROWS)")
                     : " (FMA from " + std::to_string(min_rows) +
                           " rows, MOEKIT_BF16_FMA_MIN_ROWS)");
       }

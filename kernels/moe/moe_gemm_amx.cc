@@ -71,15 +71,6 @@ struct L2Prefetch {
   int64_t lines_per_kb = 0;
 };
 
-inline void prefetch_l2_slice(const L2Prefetch& pf, int64_t kb) {
-  const int64_t first = kb * pf.lines_per_kb;
-  const int64_t last = std::min(first + pf.lines_per_kb, pf.lines);
-  for (int64_t l = first; l < last; ++l) {
-    _mm_prefetch(pf.p0 + l * 64, _MM_HINT_T1);
-    if (pf.p1) _mm_prefetch(pf.p1 + l * 64, _MM_HINT_T1);
-  }
-}
-
 // One output step: C[rows of kRowTiles tiles][kColTiles tiles] over k_blocks K blocks, stored
 // at c (row stride c_stride floats). a: the step's first row; b0/b1: the first tile of each
 // weight column block; pf: weights to pull into L2 meanwhile.
@@ -106,7 +97,13 @@ inline void tile_step(const uint16_t* a, int64_t a_stride, const uint16_t* b0, c
         if constexpr (kColTiles == 2) prefetch_l1(b1 + pk * kAmxTileElems + r * kTileRowBytes / 2);
       }
     }
-    if (pf.lines_per_kb) prefetch_l2_slice(pf, kb);
+    // Written out here, not in a helper: GCC finds that a function which only prefetches has no
+    // effect and deletes its calls, and this L2 prefetch was lost that way until it moved here.
+    for (int64_t l = kb * pf.lines_per_kb; l < std::min((kb + 1) * pf.lines_per_kb, pf.lines);
+         ++l) {
+      _mm_prefetch(pf.p0 + l * 64, _MM_HINT_T1);
+      if (pf.p1) _mm_prefetch(pf.p1 + l * 64, _MM_HINT_T1);
+    }
     // Each product follows the loads it needs, so that it can start while the next tile loads
     // (a load into a tile waits for the products still reading it).
     _tile_loadd(4, a + kb * kAmxTileK, a_bytes);
@@ -143,6 +140,12 @@ void run_step(int row_tiles, int col_tiles, const uint16_t* a, int64_t a_stride,
       tile_step<1, 1>(a, a_stride, b0, b1, k_blocks, c, c_stride, pf);
   }
 }
+
+// Row steps from which a call pulls its next weights into L2 (gate_up: the next column block,
+// down: the next expert's tile). A scratch harness on a 2-core AMX VM, 64 experts of MiniMax-M2
+// shape: with 128 rows per expert 15% faster with it; with about 32 (one or two steps, where
+// the call streams its weights from memory anyway) 13% slower, so those go without.
+constexpr int64_t kL2PrefetchMinSteps = 3;
 
 // The prefetch slice of row step `step` of `steps` (each of k_blocks K blocks) over two ranges
 // of `lines` lines.
@@ -349,7 +352,7 @@ void gate_up_rows(const MoeGateUpCall& call, const uint16_t* a, int64_t a_stride
     const uint16_t* gate = w1 + nb * panel_elems;
     const uint16_t* up = w3 + nb * panel_elems;
     // The next column block's gate and up tiles are pulled into L2 during this one.
-    const bool has_next = (nb + 1) * kAmxTileN < call.n;
+    const bool has_next = (nb + 1) * kAmxTileN < call.n && steps >= kL2PrefetchMinSteps;
     for (int64_t m0 = 0; m0 < rows; m0 += kStepRows)
       run_step(rows - m0 > kAmxTileM ? 2 : 1, 2, a + m0 * a_stride, a_stride, gate, up, k_blocks,
                sums + m0 * kStepCols, kStepCols,
@@ -394,7 +397,8 @@ void pipeline_down(const MoeDownCall& call) {
       run_step(row_tiles, nb + 1 < n_blocks ? 2 : 1, act + m0 * call.ld_act, call.ld_act,
                w2 + nb * panel_elems, w2 + (nb + 1) * panel_elems, k_blocks, sums + nb * kAmxTileN,
                kAmxDownN,
-               prefetch_for_step(call.w2_next, nullptr, n_blocks * k_blocks * 16,
+               prefetch_for_step(steps >= kL2PrefetchMinSteps ? call.w2_next : nullptr, nullptr,
+                                 n_blocks * k_blocks * 16,
                                  (m0 / kStepRows) * ((n_blocks + 1) / 2) + nb / 2,
                                  steps * ((n_blocks + 1) / 2), k_blocks));
     for (int64_t r = 0; r < step_rows; ++r) {  // in row order: rows may share a token
@@ -404,8 +408,7 @@ void pipeline_down(const MoeDownCall& call) {
         const __mmask16 mask = avx512::lanes(call.n - n);
         const __m512 prev = _mm512_maskz_loadu_ps(mask, out + n);
         _mm512_mask_storeu_ps(
-            out + n, mask,
-            _mm512_fmadd_ps(weight, _mm512_load_ps(sums + r * kAmxDownN + n), prev));
+            out + n, mask, _mm512_fmadd_ps(weight, _mm512_load_ps(sums + r * kAmxDownN + n), prev));
       }
     }
   }

@@ -179,10 +179,10 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a);
 
 // NOTE (bf16 FMA path): the AVX-512-BF16 microkernel runs a call of at least
 // bf16_fma_min_rows() rows as f32 FMA over weights widened to f32 one K chunk at a time, and
-// fewer rows with VDPBF16PS. Intel cores issue VDPBF16PS at half the FLOP rate of f32 FMA
-// (bench_ceilings: BM_Avx512Bf16Peak against BM_Avx512FmaPeak), and from a few rows the widening
-// costs less than it gains; with one or two rows both wait on the weights and VDPBF16PS reads
-// them as they are. On other vendors' CPUs this is not measured, and VDPBF16PS (twice the work
+// fewer rows with VDPBF16PS. The Intel cores measured (Sapphire and Emerald Rapids class) issue
+// VDPBF16PS at half the FLOP rate of f32 FMA (bench_ceilings: BM_Avx512Bf16Peak against
+// BM_Avx512FmaPeak), and from a few rows the widening costs less than it gains; with one or two
+// rows both wait on the weights and VDPBF16PS reads them as they are. On other vendors' CPUs this is not measured, and VDPBF16PS (twice the work
 // of an FMA per instruction) stays: the threshold is "never". The choice depends on the CPU and
 // the shapes only, so results stay reproducible.
 constexpr int64_t kBf16FmaDefaultMinRows = 8;  // measured with bench_moe, bench/RESULTS.md

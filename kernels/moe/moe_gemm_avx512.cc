@@ -22,10 +22,7 @@ struct Avx512 {
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void widen(const uint16_t* pairs, F* even, F* odd) {
-    const __m512i v = _mm512_loadu_si512(pairs);
-    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    *odd =
-        _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    avx512::bf16_pairs_to_f32(_mm512_loadu_si512(pairs), even, odd);
   }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F silu_mul(F gate, F up) { return avx512::silu_mul(gate, up); }

@@ -112,31 +112,33 @@ void down_tile(const uint16_t* act, int64_t ld_act, int64_t K, const uint16_t* w
 }
 
 // ---- prefill segments: f32 FMA over weights widened one K chunk at a time -----------------
-// On cores where VDPBF16PS runs at half the FLOP rate of f32 FMA (Intel's; bench_ceilings:
-// BM_Avx512Bf16Peak against BM_Avx512FmaPeak), a segment with enough rows runs faster as FMA over weights widened
-// to f32 once and then shared by every row. A chunk of kFmaChunkK values of K of the tile's
-// weight vectors is widened into an L1-sized buffer, the segment's rows of A for that chunk are
-// widened beside it, and each block of kFmaRows rows adds the chunk's products to its f32 sums
-// in the scratch; after the last chunk the epilogue reads the sums. bf16 products are exact in
-// f32, so the result differs from the VDPBF16PS kernel's only in the order of the additions.
+// On cores where VDPBF16PS runs at half the FLOP rate of f32 FMA (the Intel cores measured;
+// bench_ceilings: BM_Avx512Bf16Peak against BM_Avx512FmaPeak), a segment with enough rows runs
+// faster as FMA over weights widened to f32 once and then shared by every row. A chunk of
+// kFmaChunkK values of K of the tile's weight vectors is widened into an L1-sized buffer, the
+// segment's rows of A for that chunk are widened beside it, and each block of kFmaRows rows adds
+// the chunk's products to its f32 sums in the scratch; after the last chunk the epilogue reads the
+// sums. bf16 products are exact in f32, so the result differs from the VDPBF16PS kernel's only in
+// the order of the additions.
 
 // 4 vectors x 16 columns x 64 K x 4 bytes: 16 KiB of weights, in L1 beside the rows' chunk.
 // (128 measured 10-30% slower for 8-32 rows, 256 slower still.)
 constexpr int64_t kFmaChunkK = 64;
-constexpr int kFmaRows = 6;         // 6 rows x 4 vectors: 24 zmm accumulators
-constexpr int kFmaMaxVectors = 4;   // gate_up: 2 panels of w1 and of w3; down: 4 panels of w2
+constexpr int kFmaRows = 6;        // 6 rows x 4 vectors: 24 zmm accumulators
+constexpr int kFmaMaxVectors = 4;  // gate_up: 2 panels of w1 and of w3; down: 4 panels of w2
 
 // Vectors [0, nv) of 16 columns, K values [k0, k0 + kc) (k0 and kc even) of the VNNI panels at
 // panel[v], widened to f32 at wide[(k - k0) * nv * 16 + v * 16]. Padding K is zero in the panels.
 void widen_weight_chunk(const uint16_t* const* panel, int nv, int64_t k0, int64_t kc, float* wide) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t kk = 0; kk < kc / 2; ++kk) {
     float* even = wide + 2 * kk * nv * kMoePanelN;
     float* odd = even + nv * kMoePanelN;
     for (int v = 0; v < nv; ++v) {
-      const __m512i pairs = _mm512_loadu_si512(panel[v] + (k0 / 2 + kk) * 2 * kPanelWords);
-      _mm512_storeu_ps(even + v * kMoePanelN, _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)));
-      _mm512_storeu_ps(odd + v * kMoePanelN, _mm512_castsi512_ps(_mm512_and_si512(pairs, high)));
+      __m512 e, o;
+      avx512::bf16_pairs_to_f32(_mm512_loadu_si512(panel[v] + (k0 / 2 + kk) * 2 * kPanelWords), &e,
+                                &o);
+      _mm512_storeu_ps(even + v * kMoePanelN, e);
+      _mm512_storeu_ps(odd + v * kMoePanelN, o);
     }
   }
 }
@@ -148,8 +150,8 @@ void widen_rows_chunk(const uint16_t* const* row, int64_t m, int64_t K, int64_t 
   for (int64_t r = 0; r < m; ++r)
     for (int64_t j = 0; j < kc; j += 16) {
       const __mmask16 mask = avx512::lanes(K - (k0 + j));
-      const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row[r] + k0 + j));
-      _mm512_storeu_ps(dst + r * kc + j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_storeu_ps(dst + r * kc + j,
+                       avx512::bf16x16_to_f32(_mm256_maskz_loadu_epi16(mask, row[r] + k0 + j)));
     }
 }
 

@@ -92,8 +92,8 @@ void amx_reduce(const uint16_t* a, int64_t lda, int64_t rows, int64_t K, const v
           fp8_vbmi::to_bf16x64(_mm512_loadu_si512(src + j * kPairBytes), tables, &w[0], &w[1]);
           if (prescale)
             for (__m512i& v : w) {  // bf16 -> f32, times the scale, -> bf16 (RNE)
-              const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-              const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+              const __m512 lo = avx512::bf16x16_to_f32(_mm512_castsi512_si256(v));
+              const __m512 hi = avx512::bf16x16_to_f32(_mm512_extracti64x4_epi64(v, 1));
               v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
             }
           _mm512_store_si512(dst + j * kPairBytes, w[0]);

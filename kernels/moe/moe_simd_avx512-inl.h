@@ -1,6 +1,6 @@
 // AVX-512 helpers shared by the fused-MoE microkernels compiled for AVX-512 (include only from
-// translation units built with the avx512, avx512_bf16 or amx flags): exp, SiLU and masked
-// stores.
+// translation units built with the avx512, avx512_bf16 or amx flags): exp, SiLU, bf16
+// widening and masked stores.
 #ifndef MOEKIT_KERNELS_MOE_MOE_SIMD_AVX512_INL_H_
 #define MOEKIT_KERNELS_MOE_MOE_SIMD_AVX512_INL_H_
 
@@ -42,6 +42,19 @@ inline __m512 silu_mul(__m512 gate, __m512 up) {
 inline __mmask16 lanes(int64_t n) {
   if (n <= 0) return 0;
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// 16 bf16 -> 16 f32, exactly (a bf16 is the high half of an f32).
+inline __m512 bf16x16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// 16 bf16 pairs {x[2i], x[2i+1]} (one row of a VNNI panel) -> the even and the odd values as
+// 16 f32 each, exactly.
+inline void bf16_pairs_to_f32(__m512i pairs, __m512* even, __m512* odd) {
+  *even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  *odd = _mm512_castsi512_ps(
+      _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
 // Round to nearest even as f32_to_bf16 does (NaN quieted), 16 lanes.

@@ -12,7 +12,9 @@
 //   2. A: hidden is used in place when its dtype is uk.a_dtype (and uk.pad_a is off), else it
 //      is converted once into the workspace ([M, vnni_padded_k(H)], zero padded, bf16 by RNE).
 //      With uk.sorted_a, each chunk's rows are instead converted in sorted row order (one row
-//      per routed pair) so that a segment's rows are consecutive.
+//      per routed pair) so that a segment's rows are consecutive: the first chunk's before its
+//      gate_up phase, every later chunk's as extra work items at the end of the previous
+//      chunk's down phase, which nothing in it reads.
 //   3. The rows are processed in chunks of whole segments (at most kMoeChunkRows rows, so the
 //      intermediate buffer stays small); per chunk, inside one OpenMP region:
 //      gate_up phase: work items (segment, column tile of I, gate_up_n wide), dynamic schedule;

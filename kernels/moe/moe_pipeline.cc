@@ -203,6 +203,36 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   const int64_t up_tiles = (I + uk.gate_up_n - 1) / uk.gate_up_n;
   const int64_t up_tiles_s = (I_s + uk.gate_up_n - 1) / uk.gate_up_n;
   const int64_t down_tiles = (H + uk.down_n - 1) / uk.down_n;
+  // sorted_a: chunk c's rows of A in sorted order, then zeroed spare rows, copied in pieces of
+  // kCopyRows rows. Chunk c + 1's pieces are extra work items of chunk c's down phase (nothing
+  // reads sorted_x then), which fill the time threads would otherwise wait for the last down
+  // tiles and save the copy its own phase.
+  constexpr int64_t kCopyRows = 64;
+  const auto chunk_row_range = [&](int64_t c, int64_t* row0) {
+    const Segment& begin = segments[chunk_first[c]];
+    const Segment& last = segments[chunk_first[c + 1] - 1];
+    *row0 = begin.start;
+    return last.start + last.rows - begin.start;
+  };
+  const auto copy_pieces = [&](int64_t c) {
+    int64_t row0;
+    return (chunk_row_range(c, &row0) + 2 * kMoePanelN + kCopyRows - 1) / kCopyRows;
+  };
+  const auto copy_sorted = [&](int64_t c, int64_t piece) {
+    int64_t row0;
+    const int64_t chunk_rows = chunk_row_range(c, &row0);
+    const auto* src = static_cast<const uint16_t*>(x);
+    const int64_t end = std::min(chunk_rows + 2 * kMoePanelN, (piece + 1) * kCopyRows);
+    for (int64_t r = piece * kCopyRows; r < end; ++r) {
+      uint16_t* dst = sorted_x + r * ld_sorted;
+      int64_t copied = 0;
+      if (r < chunk_rows) {
+        std::memcpy(dst, src + row_token[row0 + r] * ldx, static_cast<size_t>(H) * 2);
+        copied = H;
+      }
+      std::fill(dst + copied, dst + padded_h, uint16_t{0});
+    }
+  };
 
 #pragma omp parallel num_threads(threads)
   {
@@ -236,20 +266,9 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
       const int64_t chunk_segments = chunk_first[c + 1] - chunk_first[c];
       const int64_t row0 = first->start;
 
-      if (sorted) {  // this chunk's rows of A in sorted order, then zeroed spare rows
-        const Segment& last = first[chunk_segments - 1];
-        const int64_t chunk_rows = last.start + last.rows - row0;
-        const auto* src = static_cast<const uint16_t*>(x);
+      if (sorted && c == 0) {  // later chunks are copied during the previous chunk's down
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < chunk_rows + 2 * kMoePanelN; ++r) {
-          uint16_t* dst = sorted_x + r * ld_sorted;
-          int64_t copied = 0;
-          if (r < chunk_rows) {
-            std::memcpy(dst, src + row_token[row0 + r] * ldx, static_cast<size_t>(H) * 2);
-            copied = H;
-          }
-          std::fill(dst + copied, dst + padded_h, uint16_t{0});
-        }
+        for (int64_t piece = 0; piece < copy_pieces(0); ++piece) copy_sorted(0, piece);
       }
 
       // 3a. gate_up: (segment, column tile of its inter) items, tiles of one segment adjacent;
@@ -295,9 +314,15 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
                         (vnni_padded_k(inter) - inter) * a_size);
       }
 
-      // 3b. down: column tiles of H; each walks the chunk's segments in row order.
+      // 3b. down: column tiles of H; each walks the chunk's segments in row order. Then the
+      // next chunk's copy pieces.
+      const int64_t next_copy = sorted && c + 1 < num_chunks ? copy_pieces(c + 1) : 0;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t tile = 0; tile < down_tiles; ++tile) {
+      for (int64_t tile = 0; tile < down_tiles + next_copy; ++tile) {
+        if (tile >= down_tiles) {
+          copy_sorted(c + 1, tile - down_tiles);
+          continue;
+        }
         const int64_t n0 = tile * uk.down_n, n = std::min(uk.down_n, H - n0);
         if (c == 0)
           for (int64_t m = 0; m < M; ++m)

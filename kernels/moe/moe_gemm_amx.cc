@@ -292,7 +292,8 @@ namespace {
 // chunk's intermediate rows, from beyond L2, so that traffic is divided by the item width.
 // 128 columns keep a gate_up item's A rows and one column block of weights within L2; 96
 // columns give MiniMax-M2 (H 3072) 32 down items per chunk, two whole rounds for 16 threads
-// (128 left 24, one and a half). Segments of up to 256 rows read each expert's weights once
+// (128 left 24, one and a half), which the pipeline turns into 24 items of 96 and 16 of 48
+// (its narrow tail). Segments of up to 256 rows read each expert's weights once
 // per call at M = 4096 (mean 128 rows per expert, often more). Measured with bench_moe on a
 // 16-thread AMX machine (bench/RESULTS.md, "AMX expert matmul"). The weight tiles point into
 // the handle and the kernels use no per-column scratch, so kMoeMaxTileN does not bound them.

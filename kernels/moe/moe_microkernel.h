@@ -19,7 +19,8 @@
 //      intermediate buffer stays small); per chunk, inside one OpenMP region:
 //      gate_up phase: work items (segment, column tile of I, gate_up_n wide), dynamic schedule;
 //        uk.gate_up writes act = silu(x.w1) * (x.w3) for the tile, in uk.a_dtype.
-//      down phase: work items are column tiles of H (down_n wide); each item walks the chunk's
+//      down phase: work items are column tiles of H (down_n wide, half that over the last
+//        quarter of H so that the phase ends on short items); each item walks the chunk's
 //        segments in order and uk.down adds row_weight * (act.w2) into the f32 accumulator row
 //        of each row's token. Each output element has exactly one writer, and the order of its
 //        additions is the row order of the alignment, whatever the thread count: the result is

@@ -202,7 +202,14 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   // Column tiles of I per routed segment and of I_s per shared segment.
   const int64_t up_tiles = (I + uk.gate_up_n - 1) / uk.gate_up_n;
   const int64_t up_tiles_s = (I_s + uk.gate_up_n - 1) / uk.gate_up_n;
-  const int64_t down_tiles = (H + uk.down_n - 1) / uk.down_n;
+  // Down items: tiles of down_n columns, except the last quarter of H, cut into tiles of half
+  // that width, so that the phase ends on short items. With equal items, threads waited about
+  // a fifth of the M = 4096 down phase for the last ones (16-core AMX machine, scratch phase
+  // timers); the narrow tail was 4-9% faster over the call. Depends on shapes only.
+  const int64_t narrow_n = (uk.down_n / 2 + 15) / 16 * 16;
+  const int64_t wide_end = std::min(H, (H * 3 / 4) / uk.down_n * uk.down_n);
+  const int64_t wide_tiles = wide_end / uk.down_n;
+  const int64_t down_tiles = wide_tiles + (H - wide_end + narrow_n - 1) / narrow_n;
   // sorted_a: chunk c's rows of A in sorted order, then zeroed spare rows, copied in pieces of
   // kCopyRows rows. Chunk c + 1's pieces are extra work items of chunk c's down phase (nothing
   // reads sorted_x then), which fill the time threads would otherwise wait for the last down
@@ -323,7 +330,9 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
           copy_sorted(c + 1, tile - down_tiles);
           continue;
         }
-        const int64_t n0 = tile * uk.down_n, n = std::min(uk.down_n, H - n0);
+        const int64_t n0 = tile < wide_tiles ? tile * uk.down_n
+                                             : wide_end + (tile - wide_tiles) * narrow_n;
+        const int64_t n = std::min(tile < wide_tiles ? uk.down_n : narrow_n, H - n0);
         if (c == 0)
           for (int64_t m = 0; m < M; ++m)
             std::fill(acc + m * ld_acc + n0, acc + m * ld_acc + n0 + n, 0.0f);

@@ -32,6 +32,10 @@
 //               this binary (BM_Avx512FmaPeak / BM_Avx512Bf16Peak / BM_AmxBf16Peak; absent on
 //               CPUs without the level). The avx512bf16 implementation runs f32 FMA on expert
 //               segments of at least MOEKIT_BF16_FMA_MIN_ROWS rows (moe_microkernel.h).
+//   bw_frac_now, frac_amx_peak_now  the same ratios against a streaming read and an AMX peak
+//               loop measured again right after the row's own timing (best of 3, not cached):
+//               on a shared machine whose bandwidth and clocks drift within minutes, the first
+//               reading can be far from the one the row ran under.
 // oneDNN picks its own ISA (AMX here); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it to the
 // AVX-512-BF16 kernels for a like-for-like comparison with the avx512bf16 implementation.
 // Every call takes the next of several routings so that decode calls stream weights from memory
@@ -373,6 +377,12 @@ void set_counters(benchmark::State& state, int64_t M, double seconds, double dis
                                          std::pair{MOEKIT_ISA_AMX, "frac_amx_peak"}})
       if (const double peak = moekit_bench::register_peak_flops(level, threads()); peak > 0)
         state.counters[counter] = flops / seconds / peak;
+  state.counters["bw_frac_now"] =
+      weight_bytes / seconds / moekit_bench::streaming_read_bandwidth_now(threads());
+  if (weight_elem == 2)
+    if (const double peak = moekit_bench::register_peak_flops_now(MOEKIT_ISA_AMX, threads());
+        peak > 0)
+      state.counters["frac_amx_peak_now"] = flops / seconds / peak;
   state.counters["threads"] = threads();
   state.SetIterationTime(seconds);
 }

@@ -119,7 +119,9 @@ uint64_t read_pass(const Buffer& b, int threads) {
 
 }  // namespace
 
-double register_peak_flops(moekit_isa level, int threads) {
+namespace {
+
+double measure_peak(moekit_isa level, int threads, int passes) {
   double (*loop)(int64_t) = nullptr;
   int64_t rounds = 0;  // per thread and pass: ~10-20 ms
   if (level == MOEKIT_ISA_AMX) {
@@ -133,13 +135,8 @@ double register_peak_flops(moekit_isa level, int threads) {
     rounds = 1000000;
   }
   if (loop == nullptr || moekit_detected_isa() < level) return 0.0;
-  static std::mutex mu;
-  static std::map<std::pair<int, int>, double> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({level, threads});
-  if (it != cache.end()) return it->second;
   double best = 0.0;
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < passes; ++rep) {
     double flops = 0.0;
     const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
@@ -147,8 +144,34 @@ double register_peak_flops(moekit_isa level, int threads) {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, flops / s);
   }
-  cache[{level, threads}] = best;
   return best;
+}
+
+double measure_bandwidth(int threads, int passes) {
+  Buffer& b = probe_buffer();
+  double best = 0.0;
+  for (int rep = 0; rep < passes; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(read_pass(b, threads));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(b.bytes) / s);
+  }
+  return best;
+}
+
+}  // namespace
+
+double register_peak_flops(moekit_isa level, int threads) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, double> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({level, threads});
+  if (it != cache.end()) return it->second;
+  return cache[{level, threads}] = measure_peak(level, threads, 5);
+}
+
+double register_peak_flops_now(moekit_isa level, int threads) {
+  return measure_peak(level, threads, 3);
 }
 
 double streaming_read_bandwidth(int threads) {
@@ -157,17 +180,10 @@ double streaming_read_bandwidth(int threads) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(threads);
   if (it != cache.end()) return it->second;
-  Buffer& b = probe_buffer();
-  double best = 0.0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    benchmark::DoNotOptimize(read_pass(b, threads));
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(b.bytes) / s);
-  }
-  cache[threads] = best;
-  return best;
+  return cache[threads] = measure_bandwidth(threads, 5);
 }
+
+double streaming_read_bandwidth_now(int threads) { return measure_bandwidth(threads, 3); }
 
 namespace {
 

@@ -18,6 +18,10 @@ std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float lo = -1.0f, flo
 // by `threads` OpenMP threads. Measured on first use per thread count and cached. The
 // benchmark BM_StreamingRead reports the same figure beside the kernels.
 double streaming_read_bandwidth(int threads);
+// The same, measured now (best of 3 passes, not cached): on a shared machine whose bandwidth
+// drifts within minutes, a row compared against this reading taken right after its own timing
+// compares like with like in time as well.
+double streaming_read_bandwidth_now(int threads);
 
 // Bytes the bandwidth probe reads per pass (at least 4x the last-level cache).
 size_t streaming_buffer_bytes();
@@ -28,6 +32,8 @@ size_t streaming_buffer_bytes();
 // of a few passes; measured on first use per (level, threads) and cached, like the bandwidth
 // above. 0 for other levels and on CPUs without that level (MOEKIT_ISA does not cap it).
 double register_peak_flops(moekit_isa level, int threads);
+// The same, measured now (best of 3 passes, not cached).
+double register_peak_flops_now(moekit_isa level, int threads);
 
 }  // namespace moekit_bench
 

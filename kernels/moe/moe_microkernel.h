@@ -185,9 +185,10 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a);
 // fewer rows with VDPBF16PS. The Intel cores measured (Sapphire and Emerald Rapids class) issue
 // VDPBF16PS at half the FLOP rate of f32 FMA (bench_ceilings: BM_Avx512Bf16Peak against
 // BM_Avx512FmaPeak), and from a few rows the widening costs less than it gains; with one or two
-// rows both wait on the weights and VDPBF16PS reads them as they are. On other vendors' CPUs this is not measured, and VDPBF16PS (twice the work
-// of an FMA per instruction) stays: the threshold is "never". The choice depends on the CPU and
-// the shapes only, so results stay reproducible.
+// rows both wait on the weights and VDPBF16PS reads them as they are. On other vendors' CPUs
+// this is not measured, and VDPBF16PS (twice the work of an FMA per instruction) stays: the
+// threshold is "never". The choice depends on the CPU and the shapes only, so results stay
+// reproducible.
 constexpr int64_t kBf16FmaDefaultMinRows = 8;  // measured with bench_moe, bench/RESULTS.md
 constexpr int64_t kBf16FmaNever = INT64_MAX;
 // The threshold in force: bf16_fma_set_min_rows(n > 0), else MOEKIT_BF16_FMA_MIN_ROWS (read

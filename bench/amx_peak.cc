@@ -38,8 +38,14 @@ double amx_bf16_peak_loop(int64_t iterations) {
   return kFlopsPerTile * kChains * static_cast<double>(iterations);
 }
 
-double amx_tile_loop_2x2(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t k_blocks,
-                         int64_t repeats) {
+namespace {
+
+// kLoads tile loads per K block: 4 is the GEMM step; 3 loads the second A tile (rows 16-31)
+// once per pass and 2 the second B tile too, which keeps the four products per block but is no
+// longer a GEMM: what the step gains when it loads less is what its loads cost.
+template <int kLoads>
+double tile_loop(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t k_blocks,
+                 int64_t repeats) {
   moekit::amx_tile_configure();
   const long a_bytes = static_cast<long>(lda) * 2;
   const uint16_t* a1 = a + 16 * lda;
@@ -50,13 +56,15 @@ double amx_tile_loop_2x2(const uint16_t* a, int64_t lda, const uint16_t* b, int6
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+    if constexpr (kLoads < 4) _tile_loadd(5, a1, a_bytes);
+    if constexpr (kLoads < 3) _tile_loadd(7, b1, 64);
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
       _tile_loadd(4, a + kb * 32, a_bytes);
       _tile_loadd(6, b + kb * 512, 64);
       _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, b1 + kb * 512, 64);
+      if constexpr (kLoads >= 3) _tile_loadd(7, b1 + kb * 512, 64);
       _tile_dpbf16ps(1, 4, 7);
-      _tile_loadd(5, a1 + kb * 32, a_bytes);
+      if constexpr (kLoads >= 4) _tile_loadd(5, a1 + kb * 32, a_bytes);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -64,6 +72,20 @@ double amx_tile_loop_2x2(const uint16_t* a, int64_t lda, const uint16_t* b, int6
   }
   moekit::amx_tile_release();
   return 4.0 * 2 * 16 * 16 * 32 * static_cast<double>(k_blocks * repeats);
+}
+
+}  // namespace
+
+double amx_tile_loop(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t k_blocks,
+                     int64_t repeats, int loads_per_block) {
+  switch (loads_per_block) {
+    case 2:
+      return tile_loop<2>(a, lda, b, k_blocks, repeats);
+    case 3:
+      return tile_loop<3>(a, lda, b, k_blocks, repeats);
+    default:
+      return tile_loop<4>(a, lda, b, k_blocks, repeats);
+  }
 }
 
 }  // namespace moekit_bench

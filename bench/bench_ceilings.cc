@@ -66,49 +66,45 @@ BENCHMARK(BM_Avx512FmaPeak)
     ->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
-// The AMX 2 x 2 tile step alone (amx_tile_loop_2x2), one thread, as its operands grow: 32 rows
-// of A and 32 columns of B over state.range(0) K blocks, 4 KiB per block in all (L1 is 48 KiB,
-// L2 2 MiB on Sapphire/Emerald Rapids). A rows are an odd number of cache lines apart, as the
-// library lays them out. frac_peak: FLOP/s over the one-thread register peak of the same run.
+// The AMX 2 x 2 tile step alone (moekit_bench::amx_tile_loop_flops) on state.range(1) threads,
+// each on its own operands, as they grow: 32 rows of A and 32 columns of B over state.range(0)
+// K blocks, 4 KiB per block in all (L1 is 48 KiB, L2 2 MiB on Sapphire/Emerald Rapids).
+// state.range(2) tile loads per block: 4 is the GEMM step, 3 and 2 load fewer tiles for the
+// same products (not a GEMM; amx_peak.h), which prices the loads. frac_peak: FLOP/s over the
+// register peak of the same threads in this run. On all threads with operands in L1 and 4
+// loads, this is the ceiling of any AMX GEMM on the machine: fused MoE rows quote it as
+// frac_amx_tile_l1_now.
 void BM_AmxTileLoop(benchmark::State& state) {
   const int64_t k_blocks = state.range(0);
-  const double peak = moekit_bench::register_peak_flops(MOEKIT_ISA_AMX, 1);
+  const int threads = static_cast<int>(state.range(1));
+  const int loads = static_cast<int>(state.range(2));
+  const double peak = moekit_bench::register_peak_flops(MOEKIT_ISA_AMX, threads);
   if (peak <= 0) {
     state.SkipWithError("skipped: needs amx");
     return;
   }
-  const int64_t lda = k_blocks * 32 + 32;
-  moekit::AlignedBytes a = moekit::aligned_alloc_bytes(static_cast<size_t>(32 * lda * 2));
-  moekit::AlignedBytes b = moekit::aligned_alloc_bytes(static_cast<size_t>(2 * k_blocks * 1024));
-  const auto values =
-      moekit_bench::random_bf16(static_cast<size_t>(32 * lda + 2 * k_blocks * 512), 3);
-  std::copy(values.begin(), values.begin() + 32 * lda, reinterpret_cast<uint16_t*>(a.get()));
-  std::copy(values.begin() + 32 * lda, values.end(), reinterpret_cast<uint16_t*>(b.get()));
-  const int64_t repeats = std::max<int64_t>(1, 2000 / k_blocks);  // ~0.5 ms per iteration
-  double flops = 0, seconds = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    flops += moekit_bench::amx_tile_loop_2x2(reinterpret_cast<const uint16_t*>(a.get()), lda,
-                                             reinterpret_cast<const uint16_t*>(b.get()), k_blocks,
-                                             repeats);
-    const auto t1 = std::chrono::steady_clock::now();
-    seconds += std::chrono::duration<double>(t1 - t0).count();
-    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
-  }
-  state.counters["FLOP/s"] = flops / seconds;
-  state.counters["frac_peak"] = flops / seconds / peak;
+  double flops = 0;
+  for (auto _ : state) flops = moekit_bench::amx_tile_loop_flops(threads, k_blocks, loads);
+  state.counters["FLOP/s"] = flops;
+  state.counters["frac_peak"] = flops / peak;
   state.counters["operand_KiB"] = static_cast<double>(k_blocks * 4);
+  state.counters["threads"] = threads;
 }
 BENCHMARK(BM_AmxTileLoop)
-    ->ArgName("k_blocks")
-    ->Arg(8)
-    ->Arg(12)
-    ->Arg(16)
-    ->Arg(32)
-    ->Arg(96)
-    ->Arg(384)
-    ->UseManualTime()
-    ->Unit(benchmark::kMicrosecond);
+    ->ArgNames({"k_blocks", "threads", "loads"})
+    ->Args({8, 1, 4})
+    ->Args({12, 1, 4})
+    ->Args({16, 1, 4})
+    ->Args({32, 1, 4})
+    ->Args({96, 1, 4})
+    ->Args({384, 1, 4})
+    ->Args({8, moekit::num_threads(), 4})
+    ->Args({8, moekit::num_threads(), 3})
+    ->Args({8, moekit::num_threads(), 2})
+    ->Args({96, moekit::num_threads(), 4})
+    ->Args({96, moekit::num_threads(), 2})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 
 // oneDNN matmul dst[M][N] (f32) = src[M][K] (bf16) x weights[K][N] (bf16), the weights
 // reordered once into the layout oneDNN prefers (as a packed inference weight would be).

@@ -36,6 +36,10 @@
 //               loop measured again right after the row's own timing (best of 3, not cached):
 //               on a shared machine whose bandwidth and clocks drift within minutes, the first
 //               reading can be far from the one the row ran under.
+//   frac_amx_tile_l1_now (bf16 rows, AMX CPUs)  GFLOPs over the AMX 2 x 2 tile step run on
+//               every thread with its operands in L1 (BM_AmxTileLoop/k_blocks:8), measured
+//               right after the row: the fastest any GEMM built on tile loads runs here, since
+//               2 x 2 accumulators are the fewest loads per product eight tiles allow.
 // oneDNN picks its own ISA (AMX here); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it to the
 // AVX-512-BF16 kernels for a like-for-like comparison with the avx512bf16 implementation.
 // Every call takes the next of several routings so that decode calls stream weights from memory
@@ -383,6 +387,9 @@ void set_counters(benchmark::State& state, int64_t M, double seconds, double dis
     if (const double peak = moekit_bench::register_peak_flops_now(MOEKIT_ISA_AMX, threads());
         peak > 0)
       state.counters["frac_amx_peak_now"] = flops / seconds / peak;
+  if (weight_elem == 2)
+    if (const double loop = moekit_bench::amx_tile_loop_flops(threads(), 8, 4); loop > 0)
+      state.counters["frac_amx_tile_l1_now"] = flops / seconds / loop;
   state.counters["threads"] = threads();
   state.SetIterationTime(seconds);
 }

@@ -185,6 +185,42 @@ double streaming_read_bandwidth(int threads) {
 
 double streaming_read_bandwidth_now(int threads) { return measure_bandwidth(threads, 3); }
 
+double amx_tile_loop_flops(int threads, int64_t k_blocks, int loads_per_block) {
+  if (moekit_detected_isa() < MOEKIT_ISA_AMX) return 0.0;
+  // A rows an odd number of cache lines apart (k_blocks even), as the library lays them out.
+  const int64_t lda = k_blocks * 32 + 32;
+  const size_t a_elems = static_cast<size_t>(32 * lda), b_elems = static_cast<size_t>(2 * k_blocks * 512);
+  const std::vector<uint16_t> values = random_bf16(a_elems + b_elems, 3);
+  const int64_t repeats = std::max<int64_t>(1, 80000 / k_blocks);  // ~5-10 ms per pass
+  // Each thread's own copy, written (and so placed) by that thread and run once to warm it.
+  std::vector<moekit::AlignedBytes> a(threads), b(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    a[t] = moekit::aligned_alloc_bytes(a_elems * 2);
+    b[t] = moekit::aligned_alloc_bytes(b_elems * 2);
+    std::memcpy(a[t].get(), values.data(), a_elems * 2);
+    std::memcpy(b[t].get(), values.data() + a_elems, b_elems * 2);
+    amx_tile_loop(reinterpret_cast<const uint16_t*>(a[t].get()), lda,
+                  reinterpret_cast<const uint16_t*>(b[t].get()), k_blocks, 1, loads_per_block);
+  }
+  double best = 0.0;
+  for (int pass = 0; pass < 3; ++pass) {
+    double flops = 0.0;
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+    {
+      const int t = omp_get_thread_num();
+      flops += amx_tile_loop(reinterpret_cast<const uint16_t*>(a[t].get()), lda,
+                             reinterpret_cast<const uint16_t*>(b[t].get()), k_blocks, repeats,
+                             loads_per_block);
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, flops / s);
+  }
+  return best;
+}
+
 namespace {
 
 void BM_StreamingRead(benchmark::State& state) {

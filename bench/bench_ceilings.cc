@@ -71,20 +71,23 @@ BENCHMARK(BM_Avx512FmaPeak)
 // K blocks, 4 KiB per block in all (L1 is 48 KiB, L2 2 MiB on Sapphire/Emerald Rapids).
 // state.range(2) tile loads per block: 4 is the GEMM step, 3 and 2 load fewer tiles for the
 // same products (not a GEMM; amx_peak.h), which prices the loads. frac_peak: FLOP/s over the
-// register peak of the same threads in this run. On all threads with operands in L1 and 4
-// loads, this is the ceiling of any AMX GEMM on the machine: fused MoE rows quote it as
-// frac_amx_tile_l1_now.
+// register peak of the same threads measured right before, not the cached figure (one
+// thread's peak drifted 3x within minutes on a shared AMX machine). On all threads with
+// operands in L1 and 4 loads, this is the ceiling of any AMX GEMM on the machine: fused MoE
+// rows quote it as frac_amx_tile_l1_now.
 void BM_AmxTileLoop(benchmark::State& state) {
   const int64_t k_blocks = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const int loads = static_cast<int>(state.range(2));
-  const double peak = moekit_bench::register_peak_flops(MOEKIT_ISA_AMX, threads);
-  if (peak <= 0) {
+  if (moekit_detected_isa() < MOEKIT_ISA_AMX) {
     state.SkipWithError("skipped: needs amx");
     return;
   }
-  double flops = 0;
-  for (auto _ : state) flops = moekit_bench::amx_tile_loop_flops(threads, k_blocks, loads);
+  double peak = 0, flops = 0;
+  for (auto _ : state) {
+    peak = moekit_bench::register_peak_flops_now(MOEKIT_ISA_AMX, threads);
+    flops = moekit_bench::amx_tile_loop_flops(threads, k_blocks, loads);
+  }
   state.counters["FLOP/s"] = flops;
   state.counters["frac_peak"] = flops / peak;
   state.counters["operand_KiB"] = static_cast<double>(k_blocks * 4);

@@ -73,7 +73,7 @@ BENCHMARK(BM_Avx512FmaPeak)
 // same products (not a GEMM; amx_peak.h), which prices the loads. frac_peak: FLOP/s over the
 // register peak of the same threads measured right before, not the cached figure (one
 // thread's peak drifted 3x within minutes on a shared AMX machine). On all threads with
-// operands in L1 and 4 loads, this is the ceiling of any AMX GEMM on the machine: fused MoE
+// operands in L1 and 4 loads, this is the ceiling of any kernel built on this step: fused MoE
 // rows quote it as frac_amx_tile_l1_now.
 void BM_AmxTileLoop(benchmark::State& state) {
   const int64_t k_blocks = state.range(0);

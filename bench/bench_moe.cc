@@ -38,8 +38,8 @@
 //               reading can be far from the one the row ran under.
 //   frac_amx_tile_l1_now (bf16 rows, AMX CPUs)  GFLOPs over the AMX 2 x 2 tile step run on
 //               every thread with its operands in L1 (BM_AmxTileLoop/k_blocks:8), measured
-//               right after the row: the fastest any GEMM built on tile loads runs here, since
-//               2 x 2 accumulators are the fewest loads per product eight tiles allow.
+//               right after the row: the fastest the kernels' step runs here. With eight
+//               tiles, 2 x 2 accumulators load one tile per product, the fewest a GEMM can.
 // oneDNN picks its own ISA (AMX here); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it to the
 // AVX-512-BF16 kernels for a like-for-like comparison with the avx512bf16 implementation.
 // Every call takes the next of several routings so that decode calls stream weights from memory

@@ -38,7 +38,7 @@ double register_peak_flops_now(moekit_isa level, int threads);
 // FLOP/s of the AMX kernels' 2 x 2 tile step (amx_tile_loop in amx_peak.h) on `threads` OpenMP
 // threads, each on its own operands of k_blocks blocks of K (4 KiB per block: 8 stay in L1,
 // 96 in L2), measured now (best of 3 passes, not cached); 0 on CPUs without AMX. With
-// loads_per_block 4 and operands in L1 it is the fastest any GEMM built on tile loads runs.
+// loads_per_block 4 and operands in L1 it is the fastest a kernel built on this step runs.
 double amx_tile_loop_flops(int threads, int64_t k_blocks, int loads_per_block = 4);
 
 }  // namespace moekit_bench

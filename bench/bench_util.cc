@@ -189,7 +189,8 @@ double amx_tile_loop_flops(int threads, int64_t k_blocks, int loads_per_block) {
   if (moekit_detected_isa() < MOEKIT_ISA_AMX) return 0.0;
   // A rows an odd number of cache lines apart (k_blocks even), as the library lays them out.
   const int64_t lda = k_blocks * 32 + 32;
-  const size_t a_elems = static_cast<size_t>(32 * lda), b_elems = static_cast<size_t>(2 * k_blocks * 512);
+  const size_t a_elems = static_cast<size_t>(32 * lda);
+  const size_t b_elems = static_cast<size_t>(2 * k_blocks * 512);
   const std::vector<uint16_t> values = random_bf16(a_elems + b_elems, 3);
   const int64_t repeats = std::max<int64_t>(1, 80000 / k_blocks);  // ~5-10 ms per pass
   // Each thread's own copy, written (and so placed) by that thread and run once to warm it.

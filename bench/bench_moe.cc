@@ -383,13 +383,13 @@ void set_counters(benchmark::State& state, int64_t M, double seconds, double dis
         state.counters[counter] = flops / seconds / peak;
   state.counters["bw_frac_now"] =
       weight_bytes / seconds / moekit_bench::streaming_read_bandwidth_now(threads());
-  if (weight_elem == 2)
+  if (weight_elem == 2) {
     if (const double peak = moekit_bench::register_peak_flops_now(MOEKIT_ISA_AMX, threads());
         peak > 0)
       state.counters["frac_amx_peak_now"] = flops / seconds / peak;
-  if (weight_elem == 2)
     if (const double loop = moekit_bench::amx_tile_loop_flops(threads(), 8, 4); loop > 0)
       state.counters["frac_amx_tile_l1_now"] = flops / seconds / loop;
+  }
   state.counters["threads"] = threads();
   state.SetIterationTime(seconds);
 }

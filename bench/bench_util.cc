@@ -117,9 +117,18 @@ uint64_t read_pass(const Buffer& b, int threads) {
   return total;
 }
 
-}  // namespace
-
-namespace {
+// The best rate over `passes` runs of run(), which returns the work it did (FLOP or bytes).
+template <class Run>
+double best_rate(int passes, Run run) {
+  double best = 0.0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double work = run();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, work / s);
+  }
+  return best;
+}
 
 double measure_peak(moekit_isa level, int threads, int passes) {
   double (*loop)(int64_t) = nullptr;
@@ -135,28 +144,20 @@ double measure_peak(moekit_isa level, int threads, int passes) {
     rounds = 1000000;
   }
   if (loop == nullptr || moekit_detected_isa() < level) return 0.0;
-  double best = 0.0;
-  for (int rep = 0; rep < passes; ++rep) {
+  return best_rate(passes, [&] {
     double flops = 0.0;
-    const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
     flops += loop(rounds);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, flops / s);
-  }
-  return best;
+    return flops;
+  });
 }
 
 double measure_bandwidth(int threads, int passes) {
   Buffer& b = probe_buffer();
-  double best = 0.0;
-  for (int rep = 0; rep < passes; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
+  return best_rate(passes, [&] {
     benchmark::DoNotOptimize(read_pass(b, threads));
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(b.bytes) / s);
-  }
-  return best;
+    return static_cast<double>(b.bytes);
+  });
 }
 
 }  // namespace
@@ -205,10 +206,8 @@ double amx_tile_loop_flops(int threads, int64_t k_blocks, int loads_per_block) {
     amx_tile_loop(reinterpret_cast<const uint16_t*>(a[t].get()), lda,
                   reinterpret_cast<const uint16_t*>(b[t].get()), k_blocks, 1, loads_per_block);
   }
-  double best = 0.0;
-  for (int pass = 0; pass < 3; ++pass) {
+  return best_rate(3, [&] {
     double flops = 0.0;
-    const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
     {
       const int t = omp_get_thread_num();
@@ -216,10 +215,8 @@ double amx_tile_loop_flops(int threads, int64_t k_blocks, int loads_per_block) {
                              reinterpret_cast<const uint16_t*>(b[t].get()), k_blocks, repeats,
                              loads_per_block);
     }
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, flops / s);
-  }
-  return best;
+    return flops;
+  });
 }
 
 namespace {

@@ -74,7 +74,8 @@ BENCHMARK(BM_Avx512FmaPeak)
 // register peak of the same threads measured right before, not the cached figure (one
 // thread's peak drifted 3x within minutes on a shared AMX machine). On all threads with
 // operands in L1 and 4 loads, this is the ceiling of any kernel built on this step: fused MoE
-// rows quote it as frac_amx_tile_l1_now.
+// rows quote it (8 K blocks, 32 KiB) as frac_amx_tile_l1_now. The 2 and 4 K block rows (8 and
+// 16 KiB) show whether the step runs faster on a smaller footprint than that.
 void BM_AmxTileLoop(benchmark::State& state) {
   const int64_t k_blocks = state.range(0);
   const int threads = static_cast<int>(state.range(1));
@@ -101,6 +102,8 @@ BENCHMARK(BM_AmxTileLoop)
     ->Args({32, 1, 4})
     ->Args({96, 1, 4})
     ->Args({384, 1, 4})
+    ->Args({2, moekit::num_threads(), 4})
+    ->Args({4, moekit::num_threads(), 4})
     ->Args({8, moekit::num_threads(), 4})
     ->Args({8, moekit::num_threads(), 3})
     ->Args({8, moekit::num_threads(), 2})

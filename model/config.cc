@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "model/safetensors.h"
@@ -144,7 +145,9 @@ ModelConfig read_config(const std::string& dir) {
   if (!(c.rope_theta > 0.0)) f.fail("rope_theta", "must be positive");
   if (f.has("rope_scaling")) f.fail("rope_scaling", "is not supported");
   c.rms_norm_eps = f.number("rms_norm_eps", 1e-6);
-  if (!(c.rms_norm_eps > 0.0)) f.fail("rms_norm_eps", "must be positive");
+  // The norms add it in f32.
+  if (!(c.rms_norm_eps > 0.0 && c.rms_norm_eps <= std::numeric_limits<float>::max()))
+    f.fail("rms_norm_eps", "must be positive and finite in f32");
 
   const std::string scoring = f.string("scoring_func", "sigmoid");
   if (scoring != "sigmoid")
@@ -155,6 +158,8 @@ ModelConfig read_config(const std::string& dir) {
   if (c.use_qk_norm && qk_type != "per_layer")
     f.fail("qk_norm_type", "'" + qk_type + "' is not supported (only per_layer)");
   c.tie_word_embeddings = f.boolean("tie_word_embeddings", false);
+  // Read for callers that want it; transformers' MiniMax-M2 does not apply it to the routing
+  // weights, and neither does this model.
   c.routed_scaling_factor = f.number("routed_scaling_factor", 1.0);
   if (f.integer("shared_intermediate_size", false, 0) != 0)
     f.fail("shared_intermediate_size", "is non-zero: shared experts are not supported");

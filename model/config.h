@@ -24,7 +24,7 @@ struct ModelConfig {
   bool use_qk_norm = true;
   int64_t vocab_size = 0;
   bool tie_word_embeddings = false;
-  double routed_scaling_factor = 1.0;
+  double routed_scaling_factor = 1.0;  // read, not applied (nor is it by transformers)
   std::vector<int64_t> eos_token_ids;  // config.json / generation_config.json; may be empty
 
   // FP8 block quantization (quantization_config.quant_method == "fp8").

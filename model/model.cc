@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <new>
 
 #include "reference/numeric.h"
 
@@ -130,6 +131,59 @@ const TensorInfo& fp8_scales(const Checkpoint& ck, const ModelConfig& c, const T
   return *s;
 }
 
+bool is_float_dtype(const std::string& dtype) {
+  return dtype == "F32" || dtype == "BF16" || dtype == "F16";
+}
+
+// Every tensor that load_weights reads, checked (present, shape, dtype, FP8 scale table) before
+// anything is allocated: a config.json that disagrees with its checkpoint fails here, naming the
+// tensor, instead of after allocating the sizes the config asks for.
+void check_tensors(const Checkpoint& ck, const ModelConfig& c) {
+  auto vector = [&](const std::string& name, int64_t n) {
+    const TensorInfo& t = ck.get(name);
+    expect_shape(t, {n});
+    if (!is_float_dtype(t.dtype))
+      throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
+                       ", expected a float dtype (F32, BF16, F16)");
+  };
+  auto matrix = [&](const std::string& name, int64_t N, int64_t K) {
+    const TensorInfo& t = ck.get(name);
+    expect_shape(t, {N, K});
+    if (t.dtype == "F8_E4M3")
+      fp8_scales(ck, c, t);
+    else if (!is_float_dtype(t.dtype))
+      throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
+                       ", expected F32, BF16, F16 or F8_E4M3");
+  };
+  const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_local_experts;
+  const int64_t qw = c.q_width(), kvw = c.kv_width(), V = c.vocab_size;
+  matrix("model.embed_tokens.weight", V, H);
+  vector("model.norm.weight", H);
+  if (!c.tie_word_embeddings) matrix("lm_head.weight", V, H);
+  for (int64_t L = 0; L < c.num_hidden_layers; ++L) {
+    const std::string p = "model.layers." + std::to_string(L) + ".";
+    vector(p + "input_layernorm.weight", H);
+    vector(p + "post_attention_layernorm.weight", H);
+    if (c.use_qk_norm) {
+      vector(p + "self_attn.q_norm.weight", qw);
+      vector(p + "self_attn.k_norm.weight", kvw);
+    }
+    matrix(p + "self_attn.q_proj.weight", qw, H);
+    matrix(p + "self_attn.k_proj.weight", kvw, H);
+    matrix(p + "self_attn.v_proj.weight", kvw, H);
+    matrix(p + "self_attn.o_proj.weight", H, qw);
+    const std::string moe = p + "block_sparse_moe.";
+    matrix(moe + "gate.weight", E, H);
+    if (c.use_routing_bias) vector(moe + "e_score_correction_bias", E);
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string x = moe + "experts." + std::to_string(e) + ".";
+      matrix(x + "w1.weight", I, H);
+      matrix(x + "w3.weight", I, H);
+      matrix(x + "w2.weight", H, I);
+    }
+  }
+}
+
 // A weight matrix [N, K] dequantized / widened to f32 rows at `out` (N * K values).
 void load_matrix_into(const Checkpoint& ck, const ModelConfig& c, const std::string& name,
                       int64_t N, int64_t K, float* out) {
@@ -207,7 +261,14 @@ void KvCache::reserve(int64_t tokens) {
 
 std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& options) {
   std::unique_ptr<Model> m(new Model(options.gemm));
-  m->load_weights(dir, options);
+  try {
+    m->load_weights(dir, options);
+  } catch (const std::bad_alloc&) {
+    std::string what = dir + ": out of memory while loading the model";
+    if (const size_t mib = m->stats_.checkpoint_bytes >> 20)
+      what += " (its checkpoint holds " + std::to_string(mib) + " MiB)";
+    throw ModelError(what);
+  }
   return m;
 }
 
@@ -224,6 +285,7 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
   const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_local_experts;
   const int64_t qw = c.q_width(), kvw = c.kv_width(), V = c.vocab_size;
   stats_.checkpoint_bytes = ck.total_bytes();
+  check_tensors(ck, c);
   Progress progress(options.progress, c.num_hidden_layers, stats_.checkpoint_bytes);
   size_t bytes_done = 0;
   auto account = [&](const TensorInfo& t) { bytes_done += t.bytes; };

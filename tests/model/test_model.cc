@@ -3,6 +3,7 @@
 // greedy generation, prefill-then-decode against one full forward, sampling, and loading of
 // broken checkpoints, which must fail with a message naming the file and the tensor or field.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cmath>
@@ -607,12 +608,27 @@ TEST_F(BrokenCheckpoint, ConfigFieldOfWrongType) {
   expect_failure({config_file(), "num_local_experts", "missing"});
   write("bf16", good, [](nlohmann::json& c) { c["num_key_value_heads"] = 3; });
   expect_failure({config_file(), "num_key_value_heads", "divide"});
+  write("bf16", good, [](nlohmann::json& c) { c["rms_norm_eps"] = 1e300; });  // inf in f32
+  expect_failure({config_file(), "rms_norm_eps", "finite"});
 }
 
 TEST_F(BrokenCheckpoint, ConfigMismatchesTheWeights) {
   write("bf16", read_bytes(model_dir("bf16") + "/model.safetensors"),
         [](nlohmann::json& c) { c["intermediate_size"] = 64; });
   expect_failure({file(), "experts.0.w1.weight", "expected [64, 256]"});
+}
+
+// A config that asks for far more than its checkpoint holds fails on the first tensor's shape,
+// before the loader allocates what the config asks for (here 4 GiB of f32 embeddings).
+TEST_F(BrokenCheckpoint, OversizedConfigFailsBeforeAllocating) {
+  const int64_t hidden = int64_t{1} << 21;
+  write("bf16", read_bytes(model_dir("bf16") + "/model.safetensors"),
+        [&](nlohmann::json& c) { c["hidden_size"] = hidden; });
+  rusage before{}, after{};
+  getrusage(RUSAGE_SELF, &before);
+  expect_failure({file(), "model.embed_tokens.weight", "expected [512, 2097152]"});
+  getrusage(RUSAGE_SELF, &after);
+  EXPECT_LT(after.ru_maxrss - before.ru_maxrss, 256 * 1024) << "peak RSS grew (KiB)";
 }
 
 TEST_F(BrokenCheckpoint, UnsupportedSettingsAreRefused) {

@@ -146,14 +146,15 @@ void check_tensors(const Checkpoint& ck, const ModelConfig& c) {
       throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
                        ", expected a float dtype (F32, BF16, F16)");
   };
-  auto matrix = [&](const std::string& name, int64_t N, int64_t K) {
+  // Expert weights go to moekit_experts_pack, which takes no F16.
+  auto matrix = [&](const std::string& name, int64_t N, int64_t K, bool expert = false) {
     const TensorInfo& t = ck.get(name);
     expect_shape(t, {N, K});
     if (t.dtype == "F8_E4M3")
       fp8_scales(ck, c, t);
-    else if (!is_float_dtype(t.dtype))
-      throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
-                       ", expected F32, BF16, F16 or F8_E4M3");
+    else if (!is_float_dtype(t.dtype) || (expert && t.dtype == "F16"))
+      throw ModelError(tensor_where(t) + " has dtype " + t.dtype + ", expected " +
+                       (expert ? "BF16, F32 or F8_E4M3" : "F32, BF16, F16 or F8_E4M3"));
   };
   const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_local_experts;
   const int64_t qw = c.q_width(), kvw = c.kv_width(), V = c.vocab_size;
@@ -177,9 +178,9 @@ void check_tensors(const Checkpoint& ck, const ModelConfig& c) {
     if (c.use_routing_bias) vector(moe + "e_score_correction_bias", E);
     for (int64_t e = 0; e < E; ++e) {
       const std::string x = moe + "experts." + std::to_string(e) + ".";
-      matrix(x + "w1.weight", I, H);
-      matrix(x + "w3.weight", I, H);
-      matrix(x + "w2.weight", H, I);
+      matrix(x + "w1.weight", I, H, true);
+      matrix(x + "w3.weight", I, H, true);
+      matrix(x + "w2.weight", H, I, true);
     }
   }
 }

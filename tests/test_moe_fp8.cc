@@ -1,7 +1,7 @@
 // FP8 experts: every FP8 fused-MoE microkernel (run through the pipeline on FP8 VNNI handles)
 // against the reference on the checkpoint's plain layout, over a subset of the MoE shape sweep,
-// block scales spanning 1e-4 .. 1e3, block sizes 64/128/256 with partial last blocks, and NaN
-// weights (NaN must reach exactly the outputs that depend on them).
+// block scales of magnitude 1e-4, 1 and 1e3 (one per matrix), block sizes 64/128/256 with
+// partial last blocks, and NaN weights (NaN must reach exactly the outputs that depend on them).
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -54,23 +54,27 @@ struct Fp8Weights {
   std::vector<const void*> q_ptr[3];
   std::vector<const float*> scale_ptr[3];
 
+  // Each matrix gets one scale magnitude, 1e-4, 1 or 1e3 (which matrix gets which turns with
+  // the seed): every output is a product through all three, so each output involves the whole
+  // range the format must handle and no block is outweighed by another matrix's. Within a
+  // matrix, over all blocks and experts, scales vary only by a factor of 2 either way: outputs
+  // are compared relative to the row's max, so a block (or one of a token's k experts) far
+  // smaller than the others would pass even if the kernel dropped it.
   Fp8Weights(const Case& c, uint32_t seed) : E(c.E), H(c.H), I(c.I), block_n(c.block_n), block_k(c.block_k) {
     std::mt19937 rng(seed);
-    std::uniform_real_distribution<float> log_scale(std::log(1e-4f), std::log(1e3f));
+    std::uniform_real_distribution<float> log_factor(std::log(0.5f), std::log(2.0f));
+    const float magnitudes[3] = {1e-4f, 1.0f, 1e3f};
     for (int i = 0; i < 3; ++i) {
       const int64_t rows = i == 2 ? H : I, cols = i == 2 ? I : H;
       const int64_t scales = ((rows + block_n - 1) / block_n) * ((cols + block_k - 1) / block_k);
+      const float magnitude = magnitudes[(i + seed) % 3];
       q[i].resize(E);
       scale[i].resize(E);
       for (int64_t e = 0; e < E; ++e) {
         q[i][e].resize(rows * cols);
         for (uint8_t& b : q[i][e]) b = random_fp8(rng);
         scale[i][e].resize(scales);
-        // Scales over the whole range, but comparable within a matrix's first blocks so that
-        // no output is dominated by a single block.
-        for (float& s : scale[i][e]) s = std::exp(log_scale(rng));
-        scale[i][e][0] = 1e-4f;
-        scale[i][e][scales - 1] = 1e3f;
+        for (float& s : scale[i][e]) s = magnitude * std::exp(log_factor(rng));
       }
     }
   }

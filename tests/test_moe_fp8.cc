@@ -4,6 +4,7 @@
 // partial last blocks, and NaN weights (NaN must reach exactly the outputs that depend on them).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <random>
@@ -221,11 +222,12 @@ class MoeFp8Test : public ::testing::TestWithParam<int> {
       return 0;
     }
     // The reference of a (case, seed, poison) is computed once and shared by the kernels.
-    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t>,
+    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                               uint32_t, uintptr_t>,
                     std::vector<float>>
         references;
-    std::vector<float>& want =
-        references[{c.H, c.I, c.E, c.k, c.M, c.block_n, c.block_k, seed}];
+    std::vector<float>& want = references[{c.H, c.I, c.E, c.k, c.M, c.block_n, c.block_k, seed,
+                                           reinterpret_cast<uintptr_t>(poison)}];
     if (want.empty()) {
       want.assign(c.M * c.H, -1.0f);
       ref_fused_moe(make_args(plain.get(), c, r, want.data()));

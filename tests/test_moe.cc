@@ -27,6 +27,7 @@
 
 #include "dispatch/cpu_features.h"
 #include "dispatch/runtime.h"
+#include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe_microkernel.h"
 #include "reference/reference.h"
 #include "tests/test_util.h"
@@ -456,6 +457,12 @@ struct FmaRowsScope {
   ~FmaRowsScope() { moekit::bf16_fma_set_min_rows(0); }
 };
 
+// Forces the AMX kernel's row threshold (n > 0) for a scope; n = 0 leaves it alone.
+struct AmxRowsScope {
+  explicit AmxRowsScope(int64_t n) { moekit::amx_set_min_rows(n); }
+  ~AmxRowsScope() { moekit::amx_set_min_rows(0); }
+};
+
 class FusedMoeTest : public ::testing::TestWithParam<int> {
  protected:
   const moekit::Impl<FusedMoeArgs>& impl() const { return moekit::fused_moe_impls()[GetParam()]; }
@@ -465,6 +472,7 @@ class FusedMoeTest : public ::testing::TestWithParam<int> {
     const std::string name = impl().name;
     return name.find("avx512bf16") != std::string::npos || name.find("amx") != std::string::npos;
   }
+  bool is_amx() const { return std::string(impl().name).find("_amx") != std::string::npos; }
 
   // Runs the implementation on problem (ci, oi) with `threads`; output pre-filled with NaN
   // (including the stride gap, which must stay NaN). Returns false if it does not support it.
@@ -485,11 +493,21 @@ TEST_P(FusedMoeTest, MatchesReference) {
     GTEST_SKIP() << "FP8 weights are tested by tests/test_moe_fp8.cc";
   // Implementations that run the AVX-512-BF16 microkernel (bf16 weights; AMX sends it its small
   // segments) are checked with its threshold at this CPU's default, and forced to each path.
-  std::vector<int64_t> fma_modes = {0};
-  if (bf16_operands()) fma_modes = {0, 1, moekit::kBf16FmaNever};
-  for (const int64_t fma_rows : fma_modes) {
-    SCOPED_TRACE("bf16_fma_min_rows " + std::to_string(fma_rows));
-    const FmaRowsScope scope(fma_rows);
+  struct Mode {
+    int64_t fma_rows, amx_rows;  // 0: the default
+  };
+  std::vector<Mode> modes = {{0, 0}};
+  if (bf16_operands()) modes = {{0, 0}, {1, 0}, {moekit::kBf16FmaNever, 0}};
+  // AMX sends calls and segments of fewer than amx_min_rows() rows to that microkernel, so the
+  // cases of 2 or 17 tokens (the large and odd H among them) reach the tiles only at 1. SetUp
+  // has skipped the test where this CPU cannot run the entry.
+  if (is_amx()) modes.push_back({0, 1});
+  for (const Mode& mode : modes) {
+    SCOPED_TRACE("bf16_fma_min_rows " + std::to_string(mode.fma_rows) + ", amx_min_rows " +
+                 std::to_string(mode.amx_rows));
+    const FmaRowsScope fma_scope(mode.fma_rows);
+    const AmxRowsScope amx_scope(mode.amx_rows);
+    if (mode.amx_rows > 0) ASSERT_EQ(moekit::amx_min_rows(), mode.amx_rows);
     int ran = 0;
     for (int ci = 0; ci < static_cast<int>(std::size(kCases)); ++ci)
       for (int oi = 0; oi < static_cast<int>(std::size(kCombos)); ++oi) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -171,9 +172,27 @@ std::vector<int> k_values(int64_t E) {
 
 const int64_t kExpertCounts[] = {1, 2, 7, 8, 16, 60, 64, 128, 160, 256, 384, 512, 1000};
 
+// The (bf16, ids64, strided) combinations a sweep checked, to assert that it checked all 8: the
+// sweeps draw these flags from independent random bits (residues of one shared counter had tied
+// them together, so some combinations never occurred). std::mt19937's raw output is fixed by
+// the standard, so every platform checks the same cases.
+struct LayoutCoverage {
+  bool seen[2][2][2] = {};
+  void add(const RouteCase& c) { seen[c.bf16][c.ids64][c.strided] = true; }
+  void expect_all() const {
+    for (int b = 0; b < 2; ++b)
+      for (int i = 0; i < 2; ++i)
+        for (int s = 0; s < 2; ++s)
+          EXPECT_TRUE(seen[b][i][s])
+              << "never checked: bf16 " << b << " ids64 " << i << " strided " << s;
+  }
+};
+
 TEST_P(TopkRoute, UngroupedSweep) {
   MOEKIT_SKIP_IF_CANNOT_RUN(impl());
   uint32_t seed = 1;
+  std::mt19937 flag_bits(1);
+  LayoutCoverage coverage;
   for (int64_t E : kExpertCounts) {
     for (int k : k_values(E)) {
       for (int variant = 0; variant < 16; ++variant) {
@@ -184,9 +203,10 @@ TEST_P(TopkRoute, UngroupedSweep) {
         c.bias = variant & 2;
         c.renormalize = variant & 4;
         c.scaling = variant & 8 ? 2.5f : 1.0f;
-        c.bf16 = seed % 3 == 0;
-        c.ids64 = seed % 2 == 0;
-        c.strided = seed % 4 == 1;
+        const uint32_t bits = flag_bits();
+        c.bf16 = bits & 1;
+        c.ids64 = bits & 2;
+        c.strided = bits & 4;
         for (Input input : {Input::kContinuous, Input::kSmallInts, Input::kSpecial}) {
           c.input = input;
           c.seed = seed++;
@@ -196,14 +216,19 @@ TEST_P(TopkRoute, UngroupedSweep) {
           }
         }
         if (HasFailure()) return;
+        coverage.add(c);
       }
     }
   }
+  coverage.expect_all();
 }
 
 TEST_P(TopkRoute, GroupedSweep) {
   MOEKIT_SKIP_IF_CANNOT_RUN(impl());
   uint32_t seed = 1000;
+  std::mt19937 flag_bits(1000);
+  LayoutCoverage coverage;
+  bool scoring_ids64[2][2] = {};  // [sigmoid][ids64]
   for (int64_t E : kExpertCounts) {
     for (int groups : divisors_above_one(E)) {
       const int64_t group_size = E / groups;
@@ -216,21 +241,30 @@ TEST_P(TopkRoute, GroupedSweep) {
           c.k = k;
           c.groups = groups;
           c.topk_group = topk_group;
-          c.scoring = seed % 2 ? MOEKIT_SCORING_SIGMOID : MOEKIT_SCORING_SOFTMAX;
-          c.bias = seed % 4 < 2;
-          c.renormalize = seed % 3 != 0;
-          c.scaling = seed % 5 == 0 ? 2.5f : 1.0f;
-          c.bf16 = seed % 7 == 0;
-          c.ids64 = seed % 2 == 0;
-          c.strided = seed % 6 == 1;
-          c.input = static_cast<Input>(seed % 3);
+          // Each flag from its own bits: renormalize 3 cases in 4, scaling 1 in 4.
+          const uint32_t bits = flag_bits();
+          c.scoring = bits & 1 ? MOEKIT_SCORING_SIGMOID : MOEKIT_SCORING_SOFTMAX;
+          c.bias = bits & 2;
+          c.renormalize = (bits >> 2 & 3) != 0;
+          c.scaling = (bits >> 4 & 3) == 0 ? 2.5f : 1.0f;
+          c.bf16 = bits & 64;
+          c.ids64 = bits & 128;
+          c.strided = bits & 256;
+          c.input = static_cast<Input>((bits >> 9) % 3);
           c.seed = seed++;
           check(c);
           if (HasFailure()) return;
+          coverage.add(c);
+          scoring_ids64[c.scoring == MOEKIT_SCORING_SIGMOID][c.ids64] = true;
         }
       }
     }
   }
+  coverage.expect_all();
+  for (int sigmoid = 0; sigmoid < 2; ++sigmoid)
+    for (int ids64 = 0; ids64 < 2; ++ids64)
+      EXPECT_TRUE(scoring_ids64[sigmoid][ids64])
+          << "never checked: " << (sigmoid ? "sigmoid" : "softmax") << " with ids64 " << ids64;
 }
 
 // Many tokens (the threaded path) on the production shapes and a few others.

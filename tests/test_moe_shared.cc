@@ -301,6 +301,21 @@ class FusedMoeSharedTest : public ::testing::TestWithParam<int> {
   void TearDown() override { moekit::amx_set_min_rows(0); }
   bool is_reference() const { return std::string(impl().name).rfind("ref", 0) == 0; }
   bool is_amx() const { return std::string(impl().name).find("amx") != std::string::npos; }
+  // The storages this implementation must serve: the reference all, the others those of the
+  // weight dtype in their name (both bf16 ones: every bf16 kernel reads the AMX layout that
+  // AUTO picks on AMX machines).
+  int storages_served() const {
+    if (is_reference()) return static_cast<int>(std::size(kStorages));
+    const std::string n = impl().name;
+    int served = 0;
+    for (const Storage& st : kStorages) {
+      const char* tag = st.dtype == MOEKIT_BF16  ? "_bf16_"
+                        : st.dtype == MOEKIT_F32 ? "_f32_"
+                                                 : "_fp8_";
+      served += n.find(tag) != std::string::npos;
+    }
+    return served;
+  }
   // Activations and the intermediate in bf16 (see the fp8 and bf16 microkernels' a_dtype).
   bool bf16_operands() const {
     const std::string n = impl().name;
@@ -363,7 +378,11 @@ TEST_P(FusedMoeSharedTest, ExactOnSmallIntegers) {
         }
       }
     }
-  EXPECT_GT(ran, 0) << impl().name << " served no storage";
+  // Every case, storage served, scale mode, combo (the reference one per case) and threshold.
+  const int combos = is_reference() ? 1 : static_cast<int>(std::size(kCombos));
+  EXPECT_EQ(ran, static_cast<int>(std::size(kCases)) * storages_served() * 2 * combos *
+                     static_cast<int>(min_rows.size()))
+      << impl().name;
 }
 
 // Random values: within the tolerances of test_moe.cc of the reference.
@@ -398,7 +417,7 @@ TEST_P(FusedMoeSharedTest, RandomWithinToleranceOfTheReference) {
               << p.c.name << " " << kStorages[si].name << " at [" << m << ", " << h << "]";
         }
     }
-  EXPECT_GT(ran, 0) << impl().name << " served no storage";
+  EXPECT_EQ(ran, 3 * storages_served()) << impl().name;  // 3 cases x the storages served
 }
 
 TEST_P(FusedMoeSharedTest, SameBitsForOneAndTwoThreads) {
@@ -418,7 +437,7 @@ TEST_P(FusedMoeSharedTest, SameBitsForOneAndTwoThreads) {
       EXPECT_EQ(one, two) << p.c.name << " " << kStorages[si].name;
       EXPECT_EQ(one, three) << p.c.name << " " << kStorages[si].name;
     }
-  EXPECT_GT(ran, 0) << impl().name << " served no storage";
+  EXPECT_EQ(ran, 2 * storages_served()) << impl().name;  // 2 cases x the storages served
 }
 
 INSTANTIATE_TEST_SUITE_P(All, FusedMoeSharedTest,

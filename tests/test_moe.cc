@@ -507,7 +507,9 @@ TEST_P(FusedMoeTest, MatchesReference) {
                  std::to_string(mode.amx_rows));
     const FmaRowsScope fma_scope(mode.fma_rows);
     const AmxRowsScope amx_scope(mode.amx_rows);
-    if (mode.amx_rows > 0) ASSERT_EQ(moekit::amx_min_rows(), mode.amx_rows);
+    if (mode.amx_rows > 0) {
+      ASSERT_EQ(moekit::amx_min_rows(), mode.amx_rows);
+    }
     int ran = 0;
     for (int ci = 0; ci < static_cast<int>(std::size(kCases)); ++ci)
       for (int oi = 0; oi < static_cast<int>(std::size(kCombos)); ++oi) {

@@ -107,6 +107,15 @@ moekit_status moekit_moe_align(const moekit_tensor* ids, int64_t num_experts,
   if (overlaps(sorted_pairs, block_expert) || overlaps(sorted_pairs, num_rows) ||
       overlaps(block_expert, num_rows))
     return c.invalid("sorted_pairs/block_expert/num_rows", "overlap in memory");
+  // The sort reads ids and expert_map again after it has written block_expert and the padding
+  // of sorted_pairs: an output over them would be read back as expert ids.
+  const char* output_names[3] = {"sorted_pairs", "block_expert", "num_rows"};
+  const moekit_tensor* outputs[3] = {sorted_pairs, block_expert, num_rows};
+  for (int i = 0; i < 3; ++i) {
+    if (moekit_status s = c.input_apart("ids", ids, output_names[i], outputs[i])) return s;
+    if (moekit_status s = c.input_apart("expert_map", expert_map, output_names[i], outputs[i]))
+      return s;
+  }
   MoeAlignArgs a;
   a.M = M;
   a.k = k;

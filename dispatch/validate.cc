@@ -120,4 +120,11 @@ moekit_status Checker::dims(const char* arg, const moekit_tensor* t,
   return MOEKIT_OK;
 }
 
+moekit_status Checker::input_apart(const char* input_arg, const moekit_tensor* input,
+                                   const char* output_arg, const moekit_tensor* output) const {
+  if (input == nullptr || output == nullptr || !overlaps(input, output)) return MOEKIT_OK;
+  return invalid(input_arg,
+                 std::string("overlaps ") + output_arg + ", which the call writes, in memory");
+}
+
 }  // namespace moekit

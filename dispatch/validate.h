@@ -38,6 +38,12 @@ class Checker {
 
   moekit_status dims(const char* arg, const moekit_tensor* t, std::initializer_list<int64_t> want) const;
 
+  // An input the call only reads must not share memory with a tensor it writes: the kernel
+  // would read values it has already overwritten. Either may be null (an optional argument left
+  // out). Both must have passed tensor() first.
+  moekit_status input_apart(const char* input_arg, const moekit_tensor* input,
+                            const char* output_arg, const moekit_tensor* output) const;
+
   const char* function() const { return fn_; }
 
  private:

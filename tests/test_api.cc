@@ -3,6 +3,7 @@
 // argument and what was wrong, and write nothing (outputs are pre-filled with a sentinel byte
 // pattern and compared bytewise afterwards). Also the success paths of the small query
 // functions.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -808,6 +809,31 @@ TEST_F(MoeAlignApi, MoeAlign) {
   moekit_tensor ids_huge = make_tensor(ids_.data(), MOEKIT_I32, {kHuge, 2});
   EXPECT_REJECTED(out_, moekit_moe_align(&ids_huge, kE, nullptr, kBlock, &sorted, &blocks, &rows),
                   fn, "ids", "too large");
+}
+
+// ids or expert_map inside an output: the sort would read its own output back as expert ids.
+// The shared buffer holds valid ids (or map entries), so that only the overlap is wrong; it
+// must come back unchanged, and the other outputs (sentinels) unwritten.
+TEST_F(MoeAlignApi, InputsInsideOutputs) {
+  const char* fn = "moekit_moe_align";
+  const char* output_names[3] = {"sorted_pairs", "block_expert", "num_rows"};
+  const int64_t lengths[3] = {capacity_, capacity_ / kBlock, 1};
+  for (const char* input : {"ids", "expert_map"})
+    for (int o = 0; o < 3; ++o) {
+      const bool is_ids = std::string(input) == "ids";
+      std::vector<int32_t> shared(capacity_, 0);
+      std::copy((is_ids ? ids_ : map_).begin(), (is_ids ? ids_ : map_).end(), shared.begin());
+      const std::vector<int32_t> before = shared;
+      const moekit_tensor in = is_ids ? make_tensor(shared.data(), MOEKIT_I32, {3, 2})
+                                      : make_tensor(shared.data(), MOEKIT_I32, {kE});
+      moekit_tensor outs[3] = {sorted, blocks, rows};
+      outs[o] = make_tensor(shared.data(), MOEKIT_I32, {lengths[o]});
+      EXPECT_REJECTED(out_,
+                      moekit_moe_align(is_ids ? &in : &ids, kE, is_ids ? nullptr : &in, kBlock,
+                                       &outs[0], &outs[1], &outs[2]),
+                      fn, input, std::string("overlaps ") + output_names[o]);
+      EXPECT_EQ(shared, before) << input << " inside " << output_names[o];
+    }
 }
 
 // ---- packing, workspace, fused MoE ---------------------------------------------------------

@@ -46,6 +46,7 @@ moekit_status moekit_rmsnorm(const moekit_tensor* x, const moekit_tensor* weight
                         x->dtype == y->dtype;
   if (!in_place)
     if (moekit_status s = check_disjoint(c, "x", x, "y", y)) return s;
+  if (moekit_status s = c.input_apart("weight", weight, "y", y)) return s;
   RmsnormArgs a;
   a.rows = x->shape[0];
   a.width = x->shape[1];
@@ -74,6 +75,8 @@ moekit_status moekit_fused_add_rmsnorm(moekit_tensor* x, moekit_tensor* residual
   if (moekit_status s = check_weight(c, "weight", weight, x->shape[1])) return s;
   if (moekit_status s = check_eps(c, eps)) return s;
   if (moekit_status s = check_disjoint(c, "x", x, "residual", residual)) return s;
+  if (moekit_status s = c.input_apart("weight", weight, "x", x)) return s;
+  if (moekit_status s = c.input_apart("weight", weight, "residual", residual)) return s;
   RmsnormArgs a;
   a.rows = x->shape[0];
   a.width = x->shape[1];
@@ -117,6 +120,17 @@ moekit_status check_qk(const Checker& c, const moekit_tensor* q, const moekit_te
   return MOEKIT_OK;
 }
 
+// The weights are read while q and k are rewritten in place.
+moekit_status check_weights_apart(const Checker& c, const char* q_weight_arg,
+                                  const moekit_tensor* q_weight, const char* k_weight_arg,
+                                  const moekit_tensor* k_weight, const moekit_tensor* q,
+                                  const moekit_tensor* k) {
+  if (moekit_status s = c.input_apart(q_weight_arg, q_weight, "q", q)) return s;
+  if (moekit_status s = c.input_apart(q_weight_arg, q_weight, "k", k)) return s;
+  if (moekit_status s = c.input_apart(k_weight_arg, k_weight, "q", q)) return s;
+  return c.input_apart(k_weight_arg, k_weight, "k", k);
+}
+
 moekit_status check_sums(const Checker& c, const char* arg, const moekit_tensor* t,
                          int64_t tokens) {
   if (moekit_status s = c.tensor(arg, t, 1, {MOEKIT_F32})) return s;
@@ -144,6 +158,8 @@ moekit_status moekit_qk_norm(moekit_tensor* q, moekit_tensor* k, const moekit_te
   if (moekit_status s = check_qk(c, q, k, &a)) return s;
   if (moekit_status s = check_weight(c, "q_weight", q_weight, a.q_width)) return s;
   if (moekit_status s = check_weight(c, "k_weight", k_weight, a.k_width)) return s;
+  if (moekit_status s = check_weights_apart(c, "q_weight", q_weight, "k_weight", k_weight, q, k))
+    return s;
   if (moekit_status s = check_eps(c, eps)) return s;
   a.mode = QkNormArgs::Mode::kFull;
   a.q_w = q_weight->data;
@@ -192,6 +208,9 @@ moekit_status moekit_qk_norm_apply(moekit_tensor* q, moekit_tensor* k,
                                            std::to_string(a.k_width));
   if (moekit_status s = check_weight(c, "q_weight_slice", q_weight_slice, a.q_width)) return s;
   if (moekit_status s = check_weight(c, "k_weight_slice", k_weight_slice, a.k_width)) return s;
+  if (moekit_status s = check_weights_apart(c, "q_weight_slice", q_weight_slice, "k_weight_slice",
+                                            k_weight_slice, q, k))
+    return s;
   if (moekit_status s = check_eps(c, eps)) return s;
   a.mode = QkNormArgs::Mode::kApply;
   a.q_sumsq = static_cast<float*>(q_sumsq->data);

@@ -356,6 +356,25 @@ TEST_F(RmsnormApi, Rmsnorm) {
   EXPECT_REJECTED(out_, moekit_rmsnorm(&xin, &w, 1e-6f, &ywide), fn, "y", "overlaps x");
   moekit_tensor ybf16 = make_tensor(y_, MOEKIT_BF16, {2, 4});
   EXPECT_REJECTED(out_, moekit_rmsnorm(&xin, &w, 1e-6f, &ybf16), fn, "y", "overlaps x");
+  // The weight inside y, which is written while the weight is still read; in place too.
+  moekit_tensor w_in_y = make_tensor(y_ + 4, MOEKIT_F32, {4});
+  EXPECT_REJECTED(out_, moekit_rmsnorm(&x, &w_in_y, 1e-6f, &y), fn, "weight", "overlaps y");
+  moekit_tensor w_bf16_in_y = make_tensor(y_ + 7, MOEKIT_BF16, {4});
+  EXPECT_REJECTED(out_, moekit_rmsnorm(&x, &w_bf16_in_y, 1e-6f, &y), fn, "weight", "overlaps y");
+  EXPECT_REJECTED(out_, moekit_rmsnorm(&xin, &w_in_y, 1e-6f, &xin), fn, "weight", "overlaps y");
+}
+
+// Exact in-place operation (y == x) and a weight right after y in the same buffer stay allowed.
+TEST_F(RmsnormApi, InPlaceAndAdjacentWeight) {
+  std::vector<float> expected(8);
+  moekit_tensor te = make_tensor(expected.data(), MOEKIT_F32, {2, 4});
+  ASSERT_EQ(moekit_rmsnorm(&x, &w, 1e-6f, &te), MOEKIT_OK) << moekit_last_error();
+  std::vector<float> buf(x_);  // rows 0..1: x, then y, then the weight
+  buf.insert(buf.end(), w_.begin(), w_.end());
+  moekit_tensor xy = make_tensor(buf.data(), MOEKIT_F32, {2, 4});
+  moekit_tensor w_after = make_tensor(buf.data() + 8, MOEKIT_F32, {4});
+  ASSERT_EQ(moekit_rmsnorm(&xy, &w_after, 1e-6f, &xy), MOEKIT_OK) << moekit_last_error();
+  EXPECT_EQ(std::vector<float>(buf.begin(), buf.begin() + 8), expected);
 }
 
 TEST_F(RmsnormApi, FusedAddRmsnorm) {
@@ -391,6 +410,13 @@ TEST_F(RmsnormApi, FusedAddRmsnorm) {
   moekit_tensor strided = make_tensor(r_, MOEKIT_F32, {2, 4}, {2, 1});
   EXPECT_REJECTED(out_, moekit_fused_add_rmsnorm(&xo, &strided, &w, 1e-6f), fn, "residual",
                   "smaller than the rows");
+  // The weight inside x or residual, both rewritten while the weight is still read.
+  moekit_tensor w_in_x = make_tensor(y_ + 4, MOEKIT_F32, {4});
+  EXPECT_REJECTED(out_, moekit_fused_add_rmsnorm(&xo, &r, &w_in_x, 1e-6f), fn, "weight",
+                  "overlaps x");
+  moekit_tensor w_in_r = make_tensor(r_ + 2, MOEKIT_F32, {4});
+  EXPECT_REJECTED(out_, moekit_fused_add_rmsnorm(&xo, &r, &w_in_r, 1e-6f), fn, "weight",
+                  "overlaps residual");
 }
 
 class QkNormApi : public testing::Test {
@@ -430,6 +456,15 @@ TEST_F(QkNormApi, QkNorm) {
   EXPECT_REJECTED(out_, moekit_qk_norm(&q, &k, &qw, &kw, std::nanf("")), fn, "eps", "finite");
   moekit_tensor qhuge = make_tensor(q_, MOEKIT_F32, {2, kHuge});
   EXPECT_REJECTED(out_, moekit_qk_norm(&qhuge, &k, &qw, &kw, 1e-6f), fn, "q", "too large");
+  // A weight inside q or k, which are rewritten while the weights are still read.
+  moekit_tensor qw_in_q = make_tensor(q_ + 4, MOEKIT_F32, {4});
+  EXPECT_REJECTED(out_, moekit_qk_norm(&q, &k, &qw_in_q, &kw, 1e-6f), fn, "q_weight", "overlaps q");
+  moekit_tensor qw_in_k = make_tensor(k_, MOEKIT_F32, {4});
+  EXPECT_REJECTED(out_, moekit_qk_norm(&q, &k, &qw_in_k, &kw, 1e-6f), fn, "q_weight", "overlaps k");
+  moekit_tensor kw_in_q = make_tensor(q_ + 1, MOEKIT_F32, {2});
+  EXPECT_REJECTED(out_, moekit_qk_norm(&q, &k, &qw, &kw_in_q, 1e-6f), fn, "k_weight", "overlaps q");
+  moekit_tensor kw_in_k = make_tensor(k_ + 2, MOEKIT_F32, {2});
+  EXPECT_REJECTED(out_, moekit_qk_norm(&q, &k, &qw, &kw_in_k, 1e-6f), fn, "k_weight", "overlaps k");
 }
 
 TEST_F(QkNormApi, PartialSumsq) {
@@ -481,6 +516,13 @@ TEST_F(QkNormApi, Apply) {
   moekit_tensor in_q = make_tensor(q_ + 2, MOEKIT_F32, {2});
   EXPECT_REJECTED(out_, moekit_qk_norm_apply(&q, &k, &in_q, &sums, 4, 2, &qw, &kw, 1e-6f), fn,
                   "q_sumsq", "overlaps q");
+  // So must the weight slices.
+  moekit_tensor qw_in_k = make_tensor(k_, MOEKIT_F32, {4});
+  EXPECT_REJECTED(out_, moekit_qk_norm_apply(&q, &k, &sums, &sums, 4, 2, &qw_in_k, &kw, 1e-6f), fn,
+                  "q_weight_slice", "overlaps k");
+  moekit_tensor kw_in_q = make_tensor(q_ + 6, MOEKIT_F32, {2});
+  EXPECT_REJECTED(out_, moekit_qk_norm_apply(&q, &k, &sums, &sums, 4, 2, &qw, &kw_in_q, 1e-6f), fn,
+                  "k_weight_slice", "overlaps q");
 }
 
 TEST(Api, KvWeightSlice) {

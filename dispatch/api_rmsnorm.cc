@@ -240,6 +240,7 @@ moekit_status moekit_qk_norm_kv_weight_slice(int64_t num_kv_heads, int64_t head_
     return c.invalid("rank", std::to_string(rank) + " is out of range [0, " + std::to_string(world) + ")");
   if (begin == nullptr) return c.invalid("begin", "is NULL");
   if (len == nullptr) return c.invalid("len", "is NULL");
+  if (len == begin) return c.invalid("len", "is the same pointer as begin (both are written)");
   if (num_kv_heads >= world) {
     if (num_kv_heads % world != 0)
       return c.invalid("world", std::to_string(num_kv_heads) + " kv heads do not divide among " +

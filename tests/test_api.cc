@@ -558,6 +558,9 @@ TEST(Api, KvWeightSlice) {
                   "num_kv_heads", "too large");
   EXPECT_REJECTED(out, moekit_qk_norm_kv_weight_slice(1, kHuge, 0, 1, begin, len), fn,
                   "num_kv_heads", "too large");
+  // One pointer for both results: len would overwrite begin.
+  EXPECT_REJECTED(out, moekit_qk_norm_kv_weight_slice(8, 128, 1, 4, begin, begin), fn, "len",
+                  "same pointer as begin");
 }
 
 // ---- top-k routing -------------------------------------------------------------------------

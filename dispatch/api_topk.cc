@@ -44,6 +44,9 @@ moekit_status check_route(const Checker& c, int64_t M, int64_t E, const moekit_t
   if (moekit_status s = c.tensor("ids", ids, 2, {MOEKIT_I32, MOEKIT_I64})) return s;
   if (moekit_status s = c.dims("ids", ids, {M, p->top_k})) return s;
   if (overlaps(weights, ids)) return c.invalid("ids", "overlaps weights in memory");
+  // The bias is read for every row, after earlier rows' outputs are written.
+  if (moekit_status s = c.input_apart("bias", bias, "weights", weights)) return s;
+  if (moekit_status s = c.input_apart("bias", bias, "ids", ids)) return s;
   a->M = M;
   a->E = E;
   a->bias = bias ? static_cast<const float*>(bias->data) : nullptr;
@@ -110,6 +113,13 @@ moekit_status moekit_router_topk(const moekit_tensor* hidden, const moekit_tenso
     if (overlaps(logits_out, weights) || overlaps(logits_out, ids) || overlaps(logits_out, hidden))
       return c.invalid("logits_out", "overlaps another argument in memory");
   }
+  // The gate is read for every block of tokens, after earlier blocks' outputs are written; the
+  // bias likewise (weights and ids were checked against it in check_route).
+  if (moekit_status s = c.input_apart("gate_weight", gate_weight, "weights", weights)) return s;
+  if (moekit_status s = c.input_apart("gate_weight", gate_weight, "ids", ids)) return s;
+  if (moekit_status s = c.input_apart("gate_weight", gate_weight, "logits_out", logits_out))
+    return s;
+  if (moekit_status s = c.input_apart("bias", bias, "logits_out", logits_out)) return s;
   if (overlaps(hidden, weights) || overlaps(hidden, ids))
     return c.invalid("weights/ids", "overlap hidden in memory");
   a.H = hidden->shape[1];

@@ -696,6 +696,13 @@ TEST_F(TopkApi, TopkRoute) {
   moekit_tensor w_in_logits = make_tensor(w_ + 2, MOEKIT_F32, {kM, kK});
   EXPECT_REJECTED(out_, moekit_topk_route(&logits_on_w, nullptr, &p, &w_in_logits, &ids), fn,
                   "weights/ids", "overlap logits");
+  // The bias over an output: it is read for every row, after earlier rows are written.
+  moekit_tensor bias_on_w = make_tensor(w_, MOEKIT_F32, {kE});
+  EXPECT_REJECTED(out_, moekit_topk_route(&logits, &bias_on_w, &p, &w, &ids), fn, "bias",
+                  "overlaps weights");
+  moekit_tensor bias_on_ids = make_tensor(ids_, MOEKIT_F32, {kE});
+  EXPECT_REJECTED(out_, moekit_topk_route(&logits, &bias_on_ids, &p, &w, &ids), fn, "bias",
+                  "overlaps ids");
 }
 
 TEST_F(TopkApi, RouterTopk) {
@@ -742,6 +749,26 @@ TEST_F(TopkApi, RouterTopk) {
   moekit_tensor gate_huge = make_tensor(gate_.data(), MOEKIT_F32, {kHuge, H});
   EXPECT_REJECTED(out_, moekit_router_topk(&hidden, &gate_huge, &bias, &p, &w, &ids, &lo), fn,
                   "gate_weight", "too large");
+  // The gate or the bias over an output: both are read after outputs of earlier tokens are
+  // written.
+  float* big_ = out_.make<float>(kE * H);  // room for the whole gate
+  moekit_tensor gate_on_big = make_tensor(big_, MOEKIT_F32, {kE, H});
+  moekit_tensor lo_on_gate = make_tensor(big_ + 4, MOEKIT_F32, {kM, kE});
+  EXPECT_REJECTED(out_, moekit_router_topk(&hidden, &gate_on_big, &bias, &p, &w, &ids, &lo_on_gate),
+                  fn, "gate_weight", "overlaps logits_out");
+  moekit_tensor w_on_gate = make_tensor(big_ + 20, MOEKIT_F32, {kM, kK});
+  EXPECT_REJECTED(out_, moekit_router_topk(&hidden, &gate_on_big, &bias, &p, &w_on_gate, &ids, &lo),
+                  fn, "gate_weight", "overlaps weights");
+  moekit_tensor ids_on_gate = make_tensor(big_ + 28, MOEKIT_I32, {kM, kK});
+  EXPECT_REJECTED(out_,
+                  moekit_router_topk(&hidden, &gate_on_big, &bias, &p, &w, &ids_on_gate, nullptr),
+                  fn, "gate_weight", "overlaps ids");
+  moekit_tensor bias_on_lo = make_tensor(lo_ + 8, MOEKIT_F32, {kE});
+  EXPECT_REJECTED(out_, moekit_router_topk(&hidden, &gate, &bias_on_lo, &p, &w, &ids, &lo), fn,
+                  "bias", "overlaps logits_out");
+  moekit_tensor bias_on_w = make_tensor(w_, MOEKIT_F32, {kE});
+  EXPECT_REJECTED(out_, moekit_router_topk(&hidden, &gate, &bias_on_w, &p, &w, &ids, nullptr), fn,
+                  "bias", "overlaps weights");
 }
 
 // ---- moe_align ------------------------------------------------------------------------------

@@ -301,6 +301,7 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
   if (moekit_status s = c.dims("out", out, {M, experts->hidden})) return s;
   if (overlaps(out, hidden) || overlaps(out, topk_weights) || overlaps(out, topk_ids))
     return c.invalid("out", "overlaps an input in memory");
+  if (moekit_status s = c.input_apart("expert_map", expert_map, "out", out)) return s;
   if (shared == nullptr) shared_scale = nullptr;  // documented: ignored without shared experts
   if (shared != nullptr) {
     if (shared->hidden != experts->hidden)

@@ -1182,6 +1182,22 @@ TEST_F(FusedMoeApi, FusedMoe) {
   moekit_tensor y_shift = make_tensor(y_ + 1, MOEKIT_F32, {kM, kH});
   EXPECT_REJECTED(out_, moekit_fused_moe(experts_, &x_on_y, &tw, &ti, nullptr, nullptr, &y_shift),
                   fn, "out", "overlaps an input");
+  // The expert map inside out. The map's entries must be valid, so out's first elements hold
+  // them here; the buffer must come back unchanged.
+  std::vector<float> y_with_map(kM * kH, 0.0f);
+  std::memcpy(y_with_map.data(), map_.data(), map_.size() * sizeof(int32_t));
+  const std::vector<float> before = y_with_map;
+  moekit_tensor map_in_y = make_tensor(y_with_map.data(), MOEKIT_I32, {3});
+  moekit_tensor y_over_map = make_tensor(y_with_map.data(), MOEKIT_F32, {kM, kH});
+  reset_error();
+  EXPECT_TRUE(Rejected(moekit_fused_moe(experts_, &x, &tw, &ti, &map_in_y, nullptr, &y_over_map),
+                       fn, "expert_map", "overlaps out"));
+  EXPECT_EQ(std::memcmp(y_with_map.data(), before.data(), before.size() * sizeof(float)), 0);
+  reset_error();
+  EXPECT_TRUE(Rejected(moekit_fused_moe_shared(experts_, nullptr, nullptr, &x, &tw, &ti, &map_in_y,
+                                               nullptr, &y_over_map),
+                       "moekit_fused_moe_shared", "expert_map", "overlaps out"));
+  EXPECT_EQ(std::memcmp(y_with_map.data(), before.data(), before.size() * sizeof(float)), 0);
 }
 
 TEST_F(FusedMoeApi, WorkspaceTooSmall) {

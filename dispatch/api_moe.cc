@@ -319,15 +319,22 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
     if (overlaps(out, shared_scale)) return c.invalid("out", "overlaps shared_scale in memory");
   }
   const int threads = num_threads();
-  if (ws != nullptr) {
-    const size_t need =  // S = 0: the routed-only size
-        moe_workspace_size(M, k, experts->hidden, experts->inter, shared ? shared->num_experts : 0,
-                           shared ? shared->inter : 0, threads);
-    if (ws->bytes < need)
-      return c.invalid(
-          "ws",
-          "holds " + std::to_string(ws->bytes) + " bytes, the call needs " + std::to_string(need) +
-              (shared ? " (moekit_moe_workspace_size_shared)" : " (moekit_moe_workspace_size)"));
+  const size_t need =  // S = 0: the routed-only size
+      moe_workspace_size(M, k, experts->hidden, experts->inter, shared ? shared->num_experts : 0,
+                         shared ? shared->inter : 0, threads);
+  if (ws != nullptr && ws->bytes < need)
+    return c.invalid(
+        "ws",
+        "holds " + std::to_string(ws->bytes) + " bytes, the call needs " + std::to_string(need) +
+            (shared ? " (moekit_moe_workspace_size_shared)" : " (moekit_moe_workspace_size)"));
+  // Without a workspace the call's own scratch is obtained here, where a failure can still be
+  // reported: the implementations return nothing. Query mode runs nothing and needs none.
+  if (ws == nullptr && !query_only()) {
+    ws = thread_workspace(need);
+    if (ws == nullptr)
+      return c.fail(MOEKIT_ERR_OUT_OF_MEMORY, "ws",
+                    "is NULL and the call's own scratch of " + std::to_string(need) +
+                        " bytes cannot be allocated");
   }
   FusedMoeArgs a;
   a.experts = experts;

@@ -3,12 +3,17 @@
 // argument and what was wrong, and write nothing (outputs are pre-filled with a sentinel byte
 // pattern and compared bytewise afterwards). Also the success paths of the small query
 // functions.
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <thread>
@@ -1217,6 +1222,107 @@ TEST_F(FusedMoeApi, WorkspaceTooSmall) {
   EXPECT_EQ(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), MOEKIT_OK)
       << moekit_last_error();
   moekit_workspace_free(ws);
+}
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+    __has_feature(memory_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
+// Bytes of address space this process has mapped (what RLIMIT_AS limits), 0 if unknown.
+size_t mapped_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  size_t pages = 0;
+  statm >> pages;
+  return pages * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+// Without a workspace the call allocates its own scratch; when it cannot, the call must return
+// MOEKIT_ERR_OUT_OF_MEMORY and write nothing. A forked child makes the failure real: it limits
+// its address space (RLIMIT_AS) to what it has mapped plus half the scratch, so that the scratch
+// cannot fit while the small allocations of an error message still can.
+TEST(Api, FusedMoeOutOfMemoryWithoutWorkspace) {
+  if (kSanitized) GTEST_SKIP() << "sanitizers reserve their address space up front";
+  // One f32 expert, H = 256, I = 16, k = 1, 32768 bf16 tokens: hidden and out take 16 MiB each,
+  // the scratch about 66 MiB.
+  constexpr int64_t kM = 32768, kH = 256, kI = 16;
+  std::vector<float> w13(kI * kH, 0.01f), w2(kH * kI, 0.01f);
+  const void* p13[1] = {w13.data()};
+  const void* p2[1] = {w2.data()};
+  moekit_experts_desc d{};
+  d.num_experts = 1;
+  d.hidden = kH;
+  d.inter = kI;
+  d.dtype = MOEKIT_F32;
+  d.w1 = d.w3 = p13;
+  d.w2 = p2;
+  moekit_experts* experts = nullptr;
+  ASSERT_EQ(moekit_experts_pack(&d, MOEKIT_LAYOUT_AUTO, &experts), MOEKIT_OK)
+      << moekit_last_error();
+  std::vector<uint16_t> x(kM * kH, 0x3f80);  // 1.0
+  std::vector<float> tw(kM, 1.0f);
+  std::vector<int32_t> ti(kM, 0);
+  Sentinels out;
+  uint16_t* y = out.make<uint16_t>(kM * kH);
+  moekit_tensor tx = make_tensor(x.data(), MOEKIT_BF16, {kM, kH});
+  moekit_tensor ttw = make_tensor(tw.data(), MOEKIT_F32, {kM, 1});
+  moekit_tensor tti = make_tensor(ti.data(), MOEKIT_I32, {kM, 1});
+  moekit_tensor ty = make_tensor(y, MOEKIT_BF16, {kM, kH});
+  const size_t need = moekit_moe_workspace_size(kM, 1, kH, kI, 0);
+  ASSERT_GT(need, size_t{32} << 20);
+  const auto call = [&] {
+    return moekit_fused_moe(experts, &tx, &ttw, &tti, nullptr, nullptr, &ty);
+  };
+
+  // The child's exit code names the first check that failed; its stderr says more.
+  const auto child = [&]() -> int {
+    reset_error();  // this thread's first allocations, before the limit
+    const size_t mapped = mapped_bytes();
+    if (mapped == 0) return 2;
+    rlimit limit;
+    if (getrlimit(RLIMIT_AS, &limit) != 0) return 2;
+    limit.rlim_cur = std::min<rlim_t>(limit.rlim_cur, mapped + need / 2);
+    if (setrlimit(RLIMIT_AS, &limit) != 0) return 2;
+    // Query mode computes nothing and needs no scratch.
+    moekit_set_query_only(1);
+    const moekit_status query = call();
+    moekit_set_query_only(0);
+    if (query != MOEKIT_OK) {
+      std::fprintf(stderr, "query mode: %s\n", moekit_last_error());
+      return 3;
+    }
+    const moekit_status s = call();
+    if (!Rejected(s, "moekit_fused_moe", "ws", "cannot be allocated")) {
+      std::fprintf(stderr, "status %s: '%s'\n", moekit_status_name(s), moekit_last_error());
+      return 4;
+    }
+    if (s != MOEKIT_ERR_OUT_OF_MEMORY) return 5;
+    if (!out.untouched()) return 6;
+    return 0;
+  };
+  // In a fresh thread: its per-thread scratch is empty, whatever earlier tests grew on this one.
+  EXPECT_EXIT(
+      {
+        int code = 1;
+        std::thread([&] { code = child(); }).join();
+        std::_Exit(code);
+      },
+      testing::ExitedWithCode(0), "");
+
+  // Without the limit the same call runs (so the child failed for want of memory only).
+  moekit_status unlimited = MOEKIT_ERR_INTERNAL;
+  std::thread([&] { unlimited = call(); }).join();  // frees its scratch when it ends
+  EXPECT_EQ(unlimited, MOEKIT_OK);
+  EXPECT_FALSE(out.untouched());
+  moekit_experts_free(experts);
 }
 
 }  // namespace

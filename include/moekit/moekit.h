@@ -241,7 +241,9 @@ MOEKIT_API void moekit_workspace_free(moekit_workspace* ws);
  *   w2_e . (silu(w1_e . x_m) * (w3_e . x_m)),  e = topk_ids[m, j].
  * hidden [M, H] f32/bf16; topk_weights [M, k] f32; topk_ids [M, k] i32/i64 in [0, E).
  * expert_map [E] i32 or NULL (global -> local expert, -1: slot skipped on this rank).
- * ws may be NULL (the call then allocates its own scratch). */
+ * ws may be NULL: the call then uses scratch of its own, one per calling thread, grown when a
+ * call needs more and kept for reuse; MOEKIT_ERR_OUT_OF_MEMORY (nothing written) if it cannot
+ * be allocated. */
 MOEKIT_API moekit_status moekit_fused_moe(const moekit_experts* experts,
                                           const moekit_tensor* hidden,
                                           const moekit_tensor* topk_weights,

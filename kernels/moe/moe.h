@@ -103,7 +103,10 @@ struct FusedMoeArgs {
   // hidden as `experts`, own inter; never mapped through expert_map.
   const moekit_experts* shared = nullptr;
   const float* shared_scale = nullptr;
-  moekit_workspace* ws = nullptr;  // at least moe_workspace_size(...) bytes, or nullptr
+  // At least moe_workspace_size(...) bytes. The API entry always passes one (the caller's, or
+  // thread_workspace() when the caller gave none), so that running never allocates and cannot
+  // fail; nullptr (internal callers, tests) makes the pipeline take thread_workspace() itself.
+  moekit_workspace* ws = nullptr;
   void* out = nullptr;
   int64_t out_stride = 0;
   moekit_dtype out_dtype = MOEKIT_F32;
@@ -114,6 +117,10 @@ size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int thread
 // With S shared experts of intermediate size I_s (S = 0: the routed-only size above).
 size_t moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S, int64_t I_s,
                           int threads);
+
+// Scratch for fused-MoE calls without a workspace: one per calling thread, grown to at least
+// `bytes` and then reused, so steady-state calls do not allocate. nullptr when it cannot grow.
+moekit_workspace* thread_workspace(size_t bytes);
 
 const ImplList<MoeAlignArgs>& moe_align_impls();
 const ImplList<FusedMoeArgs>& fused_moe_impls();

@@ -49,25 +49,24 @@ class Carver {
   int64_t used_ = 0;
 };
 
-// Scratch for calls without a workspace: one buffer per calling thread, grown when a call needs
-// more and then reused, so steady-state calls do not allocate.
-unsigned char* thread_local_workspace(size_t bytes) {
-  thread_local AlignedBytes buffer;
-  thread_local size_t capacity = 0;
-  if (capacity < bytes) {
-    buffer.reset();
-    buffer = aligned_alloc_bytes(bytes);
-    capacity = buffer ? bytes : 0;
-  }
-  return buffer.get();
-}
-
 int64_t read_id(const void* ids, moekit_dtype dtype, int64_t index) {
   return dtype == MOEKIT_I64 ? static_cast<const int64_t*>(ids)[index]
                              : static_cast<const int32_t*>(ids)[index];
 }
 
 }  // namespace
+
+moekit_workspace* thread_workspace(size_t bytes) {
+  thread_local moekit_workspace scratch;
+  if (scratch.bytes < bytes) {
+    scratch.data.reset();  // before allocating the larger one: a lower peak
+    scratch.bytes = 0;
+    scratch.data = aligned_alloc_bytes(bytes);
+    if (!scratch.data) return nullptr;
+    scratch.bytes = bytes;
+  }
+  return &scratch;
+}
 
 const char* fused_moe_pipeline_supports(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   if (a.experts == nullptr) return "no experts";
@@ -105,9 +104,10 @@ void fused_moe_pipeline(const MoeMicrokernel& uk, const FusedMoeArgs& a) {
   const ExpertList experts{w, a.shared, E};
   const int64_t pairs = M * (k + S);  // rows: routed pairs and shared rows
   const size_t ws_bytes = moe_workspace_size(M, k, H, I, S, I_s, threads);
-  unsigned char* ws = a.ws != nullptr && a.ws->bytes >= ws_bytes ? a.ws->data.get()
-                                                                 : thread_local_workspace(ws_bytes);
-  Carver carve(ws);
+  // Through the API a.ws is always large enough (see FusedMoeArgs::ws).
+  moekit_workspace* scratch =
+      a.ws != nullptr && a.ws->bytes >= ws_bytes ? a.ws : thread_workspace(ws_bytes);
+  Carver carve(scratch->data.get());
   int32_t* row_token = carve.take<int32_t>(pairs * 4);
   float* row_weight = carve.take<float>(pairs * 4);
   Segment* segments = carve.take<Segment>(pairs * 12);

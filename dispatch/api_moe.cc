@@ -130,8 +130,7 @@ moekit_status moekit_moe_align(const moekit_tensor* ids, int64_t num_experts,
   a.capacity = capacity;
   a.block_expert = static_cast<int32_t*>(block_expert->data);
   a.num_rows = static_cast<int32_t*>(num_rows->data);
-  dispatch("moe_align", moe_align_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("moe_align", moe_align_impls(), a);
 }
 
 const char* moekit_pack_layout_name(moekit_pack_layout layout) {
@@ -356,8 +355,7 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
   a.out_stride = stride_of(out, 0);
   a.out_dtype = out->dtype;
   a.threads = threads;
-  dispatch("fused_moe", fused_moe_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("fused_moe", fused_moe_impls(), a);
 }
 
 }  // namespace

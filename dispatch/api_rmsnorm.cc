@@ -59,8 +59,7 @@ moekit_status moekit_rmsnorm(const moekit_tensor* x, const moekit_tensor* weight
   a.w = weight->data;
   a.w_dtype = weight->dtype;
   a.eps = eps;
-  dispatch("rmsnorm", rmsnorm_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("rmsnorm", rmsnorm_impls(), a);
 }
 
 moekit_status moekit_fused_add_rmsnorm(moekit_tensor* x, moekit_tensor* residual,
@@ -91,8 +90,7 @@ moekit_status moekit_fused_add_rmsnorm(moekit_tensor* x, moekit_tensor* residual
   a.eps = eps;
   a.residual = residual->data;
   a.residual_stride = stride_of(residual, 0);
-  dispatch("fused_add_rmsnorm", fused_add_rmsnorm_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("fused_add_rmsnorm", fused_add_rmsnorm_impls(), a);
 }
 
 }  // extern "C"
@@ -167,8 +165,7 @@ moekit_status moekit_qk_norm(moekit_tensor* q, moekit_tensor* k, const moekit_te
   a.k_w = k_weight->data;
   a.k_w_dtype = k_weight->dtype;
   a.eps = eps;
-  dispatch("qk_norm", qk_norm_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("qk_norm", qk_norm_impls(), a);
 }
 
 moekit_status moekit_qk_norm_partial_sumsq(const moekit_tensor* q, const moekit_tensor* k,
@@ -183,8 +180,7 @@ moekit_status moekit_qk_norm_partial_sumsq(const moekit_tensor* q, const moekit_
   a.mode = QkNormArgs::Mode::kPartialSumsq;
   a.q_sumsq = static_cast<float*>(q_sumsq->data);
   a.k_sumsq = static_cast<float*>(k_sumsq->data);
-  dispatch("qk_norm", qk_norm_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("qk_norm", qk_norm_impls(), a);
 }
 
 moekit_status moekit_qk_norm_apply(moekit_tensor* q, moekit_tensor* k,
@@ -222,8 +218,7 @@ moekit_status moekit_qk_norm_apply(moekit_tensor* q, moekit_tensor* k,
   a.k_w = k_weight_slice->data;
   a.k_w_dtype = k_weight_slice->dtype;
   a.eps = eps;
-  dispatch("qk_norm", qk_norm_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("qk_norm", qk_norm_impls(), a);
 }
 
 moekit_status moekit_qk_norm_kv_weight_slice(int64_t num_kv_heads, int64_t head_dim,

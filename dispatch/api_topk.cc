@@ -92,8 +92,7 @@ moekit_status moekit_topk_route(const moekit_tensor* logits, const moekit_tensor
   a.logits = logits->data;
   a.logits_stride = stride_of(logits, 0);
   a.logits_dtype = logits->dtype;
-  dispatch("topk_route", topk_route_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("topk_route", topk_route_impls(), a);
 }
 
 moekit_status moekit_router_topk(const moekit_tensor* hidden, const moekit_tensor* gate_weight,
@@ -130,8 +129,7 @@ moekit_status moekit_router_topk(const moekit_tensor* hidden, const moekit_tenso
   a.gate_stride = stride_of(gate_weight, 0);
   a.logits_out = logits_out ? static_cast<float*>(logits_out->data) : nullptr;
   a.logits_out_stride = logits_out ? stride_of(logits_out, 0) : 0;
-  dispatch("router_topk", router_topk_impls(), a);
-  return MOEKIT_OK;
+  return dispatch("router_topk", router_topk_impls(), a);
 }
 
 }  // extern "C"

@@ -5,6 +5,7 @@
 #ifndef MOEKIT_DISPATCH_REGISTRY_H_
 #define MOEKIT_DISPATCH_REGISTRY_H_
 
+#include <new>
 #include <string>
 #include <vector>
 
@@ -60,12 +61,22 @@ const Impl<Args>& choose(const char* op, const ImplList<Args>& impls, const Args
   return choose(op, impls, args, effective_isa());
 }
 
-// Chooses, records the choice for moekit_last_impl, and runs unless in query mode.
+// Chooses, records the choice for moekit_last_impl, and runs unless in query mode. An
+// allocation that fails while running becomes MOEKIT_ERR_OUT_OF_MEMORY instead of an exception
+// crossing the C API (the entry points obtain the large buffers before this, so this is rare;
+// by then the output may be partly written).
 template <class Args>
-void dispatch(const char* op, const ImplList<Args>& impls, const Args& args) {
+moekit_status dispatch(const char* op, const ImplList<Args>& impls, const Args& args) {
   const Impl<Args>& impl = choose(op, impls, args);
   record_choice(op, impl.name);
-  if (!query_only()) impl.run(args);
+  if (query_only()) return MOEKIT_OK;
+  try {
+    impl.run(args);
+  } catch (const std::bad_alloc&) {
+    return set_error(MOEKIT_ERR_OUT_OF_MEMORY, std::string(op) + ": out of memory in " + impl.name +
+                                                   "; the output may be partly written");
+  }
+  return MOEKIT_OK;
 }
 
 }  // namespace moekit

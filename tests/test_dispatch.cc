@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <new>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -130,9 +131,20 @@ TEST(Dispatch, RunsTheChoiceRecordsItAndHonoursQueryMode) {
   moekit_set_query_only(0);
   // The test hook forces the reference whatever the level.
   moekit::set_force_reference(true);
-  moekit::dispatch("fake", fake_impls(), a);
+  EXPECT_EQ(moekit::dispatch("fake", fake_impls(), a), MOEKIT_OK);
   EXPECT_EQ(ran, 4);
   EXPECT_STREQ(moekit_last_impl("fake"), "ref_fake");
+}
+
+// A kernel whose allocation fails must not throw through the C API: dispatch reports it.
+TEST(Dispatch, AllocationFailureInAKernelIsOutOfMemory) {
+  static const moekit::ImplList<FakeArgs> impls = {
+      {"ref_greedy", MOEKIT_ISA_SCALAR, nullptr, [](const FakeArgs&) { throw std::bad_alloc(); }},
+  };
+  EXPECT_EQ(moekit::dispatch("greedy", impls, FakeArgs{}), MOEKIT_ERR_OUT_OF_MEMORY);
+  EXPECT_NE(std::string(moekit_last_error()).find("greedy: out of memory in ref_greedy"),
+            std::string::npos)
+      << moekit_last_error();
 }
 
 // ---- the real tables -------------------------------------------------------------------------

@@ -12,6 +12,8 @@
 // weights are powers of two. So each kernel's output equals the model below exactly.
 #include <gtest/gtest.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -532,6 +534,37 @@ TEST(FusedMoeAmx, SameBitsForAnyThreadCount) {
   const auto one = run_entry(amx_entry(), *p, 1);
   EXPECT_EQ(run_entry(amx_entry(), *p, 2), one);
   EXPECT_EQ(run_entry(amx_entry(), *p, 3), one);
+}
+
+// The calling thread's tile configuration, 64 bytes (all zero when none is loaded).
+__attribute__((target("amx-tile"))) std::vector<uint8_t> tile_config_now() {
+  alignas(64) uint8_t config[64];
+  _tile_storeconfig(config);
+  return std::vector<uint8_t>(config, config + 64);
+}
+__attribute__((target("amx-tile"))) void load_tile_config(const uint8_t* config) {
+  _tile_loadconfig(config);
+}
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
+TEST(FusedMoeAmx, LeavesTheCallersTileConfigurationAsItWas) {
+  SKIP_WITHOUT_AMX();
+  auto p = make_problem(4, 96, 200, 90, 2, false, 7100);
+  set_hidden(p.get(), MOEKIT_F32);
+  MinRows scope(1);
+  // None before, none after: the kernels release the tiles they configured.
+  release_tiles();
+  const auto want = run_entry(amx_entry(), *p, 2);
+  EXPECT_EQ(tile_config_now(), std::vector<uint8_t>(64, 0));
+  // A caller's own configuration (another library's kernels, say) is put back.
+  alignas(64) uint8_t mine[64] = {};
+  mine[0] = 1;    // palette 1
+  mine[16] = 32;  // tile 0: 32 bytes per row
+  mine[48] = 4;   // tile 0: 4 rows
+  load_tile_config(mine);
+  EXPECT_EQ(run_entry(amx_entry(), *p, 2), want);
+  EXPECT_EQ(tile_config_now(), std::vector<uint8_t>(mine, mine + 64));
+  release_tiles();
 }
 
 TEST(FusedMoeAmx, ConcurrentCallsFromFourThreads) {

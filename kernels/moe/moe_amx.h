@@ -48,7 +48,8 @@ inline size_t amx_packed_bytes(int64_t n, int64_t k) {
 
 // Loads the tile configuration on this thread if it is not loaded yet.
 void amx_tile_configure();
-// Releases the tile state of this thread if this library configured it.
+// Releases the tile state of this thread if this library configured it, or puts back the
+// configuration the thread had before (its tile data is not kept).
 void amx_tile_release();
 
 // Configures on construction, releases on destruction: put one in each thread of a top-level

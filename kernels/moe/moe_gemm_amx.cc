@@ -51,6 +51,10 @@ TileConfig make_tile_config() {
 }
 
 thread_local bool t_tiles_configured = false;
+// The tile configuration this thread had when the library configured its own, put back on
+// release: an engine whose kernels configure tiles once per thread (psABI-volatile as they are)
+// must not find them released after a moekit call. Palette 0 means it had none.
+thread_local TileConfig t_callers_config;
 
 // GCC's tileloadd asm does not tell the compiler that it reads memory; a compiler barrier makes
 // sure earlier stores to the buffers it loads have been emitted.
@@ -175,13 +179,17 @@ void amx_tile_configure() {
     (void)cpu_features();  // makes sure this process has asked Linux for the tile state
     return make_tile_config();
   }();
+  _tile_storeconfig(&t_callers_config);  // all zero when no configuration is loaded
   _tile_loadconfig(&config);
   t_tiles_configured = true;
 }
 
 void amx_tile_release() {
   if (!t_tiles_configured) return;
-  _tile_release();
+  if (t_callers_config.palette_id != 0)
+    _tile_loadconfig(&t_callers_config);  // its tile data is gone, as after any call
+  else
+    _tile_release();
   t_tiles_configured = false;
 }
 

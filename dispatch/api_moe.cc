@@ -317,14 +317,21 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
     if (moekit_status s = c.dims("shared_scale", shared_scale, {M})) return s;
     if (overlaps(out, shared_scale)) return c.invalid("out", "overlaps shared_scale in memory");
   }
-  const int threads = num_threads();
-  const size_t need =  // S = 0: the routed-only size
-      moe_workspace_size(M, k, experts->hidden, experts->inter, shared ? shared->num_experts : 0,
-                         shared ? shared->inter : 0, threads);
+  const auto size_for = [&](int threads) {  // S = 0: the routed-only size
+    return moe_workspace_size(M, k, experts->hidden, experts->inter,
+                              shared ? shared->num_experts : 0, shared ? shared->inter : 0,
+                              threads);
+  };
+  int threads = num_threads();
+  size_t need = size_for(threads);
+  // A workspace sized for fewer threads (the count is process-wide: another thread may have
+  // raised it since) runs the call on as many as it holds.
+  while (ws != nullptr && ws->bytes < need && threads > 1) need = size_for(--threads);
   if (ws != nullptr && ws->bytes < need)
     return c.invalid(
         "ws",
         "holds " + std::to_string(ws->bytes) + " bytes, the call needs " + std::to_string(need) +
+            " on one thread" +
             (shared ? " (moekit_moe_workspace_size_shared)" : " (moekit_moe_workspace_size)"));
   // Without a workspace the call's own scratch is obtained here, where a failure can still be
   // reported: the implementations return nothing. Query mode runs nothing and needs none.
@@ -355,6 +362,14 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
   a.out_stride = stride_of(out, 0);
   a.out_dtype = out->dtype;
   a.threads = threads;
+  if (query_only()) return dispatch("fused_moe", fused_moe_impls(), a);
+  // Two calls carving one workspace at once would overwrite each other's scratch.
+  if (ws->busy.exchange(true, std::memory_order_acquire))
+    return c.invalid("ws", "is in use by another call (a workspace serves one call at a time)");
+  struct Release {
+    moekit_workspace* ws;
+    ~Release() { ws->busy.store(false, std::memory_order_release); }
+  } release{ws};
   return dispatch("fused_moe", fused_moe_impls(), a);
 }
 

@@ -22,7 +22,9 @@ namespace {
 thread_local std::string t_last_error;
 thread_local bool t_query_only = false;
 thread_local bool t_force_reference = false;
-thread_local std::map<std::string, std::string> t_last_impl;
+// Values are implementation names, string literals of the tables: the pointers that
+// moekit_last_impl returns stay valid for the life of the process, even after this thread ends.
+thread_local std::map<std::string, const char*> t_last_impl;
 
 // Cap from MOEKIT_ISA, read once. An unknown or unavailable value is reported and ignored,
 // so a typo cannot make kernels run on instructions the CPU lacks.
@@ -182,7 +184,7 @@ void record_choice(const char* op, const char* impl_name) { t_last_impl[op] = im
 
 const char* last_choice(const char* op) {
   auto it = t_last_impl.find(op);
-  return it == t_last_impl.end() ? "" : it->second.c_str();
+  return it == t_last_impl.end() ? "" : it->second;
 }
 
 }  // namespace moekit

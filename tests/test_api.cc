@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/moe/moe.h"  // moekit_workspace, for one white-box check
 #include "moekit/moekit.h"
 #include "test_util.h"
 
@@ -1212,15 +1213,37 @@ TEST_F(FusedMoeApi, WorkspaceTooSmall) {
   if (need == 0) {
     GTEST_SKIP() << "this build's fused MoE needs no workspace; nothing to undersize";
   }
+  // Smaller than one thread needs: refused.
+  const size_t need_one = moekit_moe_workspace_size(kM, kK, kH, TinyExperts::kI, 1);
+  ASSERT_GT(need_one, size_t{0});
   moekit_workspace* ws = nullptr;
-  ASSERT_EQ(moekit_workspace_create(need - 1, &ws), MOEKIT_OK);
+  ASSERT_EQ(moekit_workspace_create(need_one - 1, &ws), MOEKIT_OK);
   EXPECT_REJECTED(out_, moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), fn, "ws",
                   "moekit_moe_workspace_size");
   moekit_workspace_free(ws);
-  // And one of exactly that size works.
+  // One of exactly the size works.
   ASSERT_EQ(moekit_workspace_create(need, &ws), MOEKIT_OK);
   EXPECT_EQ(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), MOEKIT_OK)
       << moekit_last_error();
+  const std::vector<float> full(y_, y_ + kM * kH);
+  moekit_workspace_free(ws);
+  // One sized for a single thread (as if moekit_set_num_threads was raised after it was made)
+  // runs the call on one thread: the same bits.
+  ASSERT_EQ(moekit_workspace_create(need_one, &ws), MOEKIT_OK);
+  std::fill(y_, y_ + kM * kH, -1.0f);
+  EXPECT_EQ(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), MOEKIT_OK)
+      << moekit_last_error();
+  EXPECT_EQ(std::vector<float>(y_, y_ + kM * kH), full);
+  // A workspace in use by another call is refused, not shared (white box: the flag the entry
+  // point sets for the length of a call).
+  ws->busy = true;
+  std::fill(y_, y_ + kM * kH, -1.0f);
+  reset_error();
+  EXPECT_TRUE(Rejected(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), fn, "ws",
+                       "in use by another call"));
+  EXPECT_EQ(std::vector<float>(y_, y_ + kM * kH), std::vector<float>(kM * kH, -1.0f));
+  ws->busy = false;
+  EXPECT_EQ(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), MOEKIT_OK);
   moekit_workspace_free(ws);
 }
 

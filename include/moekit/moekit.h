@@ -229,8 +229,12 @@ MOEKIT_API const char* moekit_pack_layout_name(moekit_pack_layout layout);
 /* Bytes of packed weights the handle holds. */
 MOEKIT_API size_t moekit_experts_bytes(const moekit_experts* experts);
 
-/* Reusable scratch memory for moekit_fused_moe; create once, reuse for every call.
- * Its size for (M, k, H, I, threads) is moekit_moe_workspace_size(). */
+/* Reusable scratch memory for moekit_fused_moe; create once, reuse for every call. A workspace
+ * serves one call at a time: a call that finds it in use by another thread's call fails with
+ * MOEKIT_ERR_INVALID_ARGUMENT (give each calling thread its own). Its size for (M, k, H, I,
+ * threads) is moekit_moe_workspace_size(); threads <= 0 means moekit_num_threads() now. A call
+ * whose workspace was sized for fewer threads than moekit_num_threads() runs on as many as it
+ * holds (the thread count is process-wide and may have been raised since). */
 typedef struct moekit_workspace moekit_workspace;
 MOEKIT_API size_t moekit_moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I,
                                             int threads);
@@ -281,7 +285,8 @@ MOEKIT_API int moekit_impl_count(const char* op);
 MOEKIT_API moekit_status moekit_impl_info(const char* op, int impl_index, const char** name,
                                           moekit_isa* level);
 
-/* Which implementation a call uses: the name the last call of `op` on this thread chose. */
+/* Which implementation a call uses: the name the last call of `op` on this thread chose ("" if
+ * none). The string is static: it stays valid after later calls and after the thread ends. */
 MOEKIT_API const char* moekit_last_impl(const char* op);
 /* Query mode for this thread: while on, op calls validate their arguments and choose an
  * implementation (see moekit_last_impl) but compute and write nothing. */

@@ -3,6 +3,7 @@
 #ifndef MOEKIT_KERNELS_MOE_MOE_H_
 #define MOEKIT_KERNELS_MOE_MOE_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -58,6 +59,7 @@ struct moekit_experts {
 struct moekit_workspace {
   moekit::AlignedBytes data;
   size_t bytes = 0;
+  std::atomic<bool> busy{false};  // a call is using it (the API refuses a second at once)
 };
 
 namespace moekit {

@@ -35,8 +35,7 @@ moekit_isa env_cap() {
     if (value == nullptr || *value == '\0') return detected;
     moekit_isa requested;
     if (moekit_isa_from_name(value, &requested) != MOEKIT_OK) {
-      std::fprintf(stderr, "moekit: ignoring MOEKIT_ISA=%s (levels: scalar avx2 avx512 "
-                           "avx512_bf16 amx)\n", value);
+      warn_ignored_env("MOEKIT_ISA", value, "levels: scalar avx2 avx512 avx512_bf16 amx");
       return detected;
     }
     if (requested > detected) {
@@ -95,7 +94,7 @@ int env_threads() {
     char* end = nullptr;
     const long parsed = std::strtol(value, &end, 10);
     if (*end != '\0' || parsed <= 0 || parsed > 4096) {
-      std::fprintf(stderr, "moekit: ignoring MOEKIT_NUM_THREADS=%s\n", value);
+      warn_ignored_env("MOEKIT_NUM_THREADS", value, "expected an integer in [1, 4096]");
       return 0;
     }
     return static_cast<int>(parsed);
@@ -163,7 +162,10 @@ const std::string& last_error() { return t_last_error; }
 bool debug_log_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("MOEKIT_LOG");
-    return v != nullptr && std::strcmp(v, "debug") == 0;
+    if (v == nullptr || *v == '\0') return false;
+    if (std::strcmp(v, "debug") == 0) return true;
+    warn_ignored_env("MOEKIT_LOG", v, "expected debug");
+    return false;
   }();
   return enabled;
 }
@@ -172,6 +174,10 @@ void debug_log(const std::string& line) {
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   std::fprintf(stderr, "moekit: %s\n", line.c_str());
+}
+
+void warn_ignored_env(const char* name, const char* value, const char* expected) {
+  std::fprintf(stderr, "moekit: ignoring %s=%s (%s)\n", name, value, expected);
 }
 
 bool query_only() { return t_query_only; }

@@ -38,6 +38,10 @@ const std::string& last_error();
 bool debug_log_enabled();
 void debug_log(const std::string& line);  // "moekit: ..." on stderr
 
+// "moekit: ignoring NAME=VALUE (expected)" on stderr: an environment variable whose value is
+// not understood is reported once where it is read, then its default applies.
+void warn_ignored_env(const char* name, const char* value, const char* expected);
+
 // Query mode (moekit_set_query_only) and the last chosen implementation per op.
 bool query_only();
 void set_query_only(bool on);

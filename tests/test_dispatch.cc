@@ -9,6 +9,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <new>
@@ -23,6 +24,7 @@
 #include "dispatch/runtime.h"
 #include "kernels/moe/moe.h"
 #include "kernels/moe/moe_amx.h"
+#include "kernels/moe/moe_microkernel.h"
 #include "kernels/rmsnorm/rmsnorm.h"
 #include "kernels/topk/topk.h"
 #include "moekit/moekit.h"
@@ -469,8 +471,15 @@ TEST(MoekitInfo, DebugLogExplainsChoices) {
 }
 
 // This binary re-run with MOEKIT_DISPATCH_TEST_CHILD set dispatches the synthetic table and
-// exits before the tests (see the initializer at the end of this file).
+// exits before the tests (see the initializer at the end of this file); set to "thresholds" it
+// prints the fused-MoE row thresholds instead.
 void child_main() {
+  if (std::strcmp(std::getenv("MOEKIT_DISPATCH_TEST_CHILD"), "thresholds") == 0) {
+    std::printf("amx_min_rows %lld bf16_fma_min_rows %lld\n",
+                static_cast<long long>(moekit::amx_min_rows()),
+                static_cast<long long>(moekit::bf16_fma_min_rows()));
+    return;
+  }
   FakeArgs a;
   a.width = 3;
   moekit::choose("fake", fake_impls(), a, MOEKIT_ISA_AVX512);  // skips amx, refuses avx512
@@ -495,6 +504,54 @@ TEST(DebugLog, SkipLinesGiveTheReason) {
   // Without MOEKIT_LOG the child says nothing on stderr.
   const Output quiet = run("MOEKIT_DISPATCH_TEST_CHILD=1", "'" + self_exe() + "'");
   EXPECT_EQ(quiet.err.find("moekit:"), std::string::npos) << quiet.err;
+}
+
+TEST(DebugLog, UnknownMoekitLogIsReportedAndIgnored) {
+  for (const char* bad : {"DEBUG", "1", "info"}) {
+    const Output o = run(std::string("MOEKIT_LOG=") + bad + " MOEKIT_DISPATCH_TEST_CHILD=1",
+                         "'" + self_exe() + "'");
+    ASSERT_EQ(o.status, 0) << o.err;
+    EXPECT_NE(o.err.find(std::string("moekit: ignoring MOEKIT_LOG=") + bad + " (expected debug)"),
+              std::string::npos)
+        << o.err;
+    EXPECT_EQ(o.err.find("chose"), std::string::npos) << o.err;
+  }
+}
+
+// MOEKIT_AMX_MIN_ROWS and MOEKIT_BF16_FMA_MIN_ROWS: a row count >= 1 (or "never" for the FMA
+// one) applies silently; anything else is reported and the default stays. Empty means unset
+// (run() leaves these two as the caller's environment has them).
+TEST(Thresholds, EnvironmentValuesAreAppliedOrReported) {
+  const std::string child = "'" + self_exe() + "'";
+  const std::string unset = "MOEKIT_AMX_MIN_ROWS= MOEKIT_BF16_FMA_MIN_ROWS= ";
+  const Output defaults = run(unset + "MOEKIT_DISPATCH_TEST_CHILD=thresholds", child);
+  ASSERT_EQ(defaults.status, 0) << defaults.err;
+  EXPECT_EQ(defaults.err, "");
+  const Output set = run(
+      "MOEKIT_AMX_MIN_ROWS=3 MOEKIT_BF16_FMA_MIN_ROWS=never MOEKIT_DISPATCH_TEST_CHILD=thresholds",
+      child);
+  EXPECT_EQ(set.out,
+            "amx_min_rows 3 bf16_fma_min_rows " + std::to_string(moekit::kBf16FmaNever) + "\n");
+  EXPECT_EQ(set.err, "");
+  for (const char* var : {"MOEKIT_AMX_MIN_ROWS", "MOEKIT_BF16_FMA_MIN_ROWS"}) {
+    for (const char* bad : {"abc", "0", "-5", "nevr", "4x", "99999999999999999999"}) {
+      SCOPED_TRACE(std::string(var) + "=" + bad);
+      const Output o =
+          run(unset + var + "=" + bad + " MOEKIT_DISPATCH_TEST_CHILD=thresholds", child);
+      ASSERT_EQ(o.status, 0) << o.err;
+      EXPECT_EQ(o.out, defaults.out);
+      EXPECT_NE(o.err.find(std::string("moekit: ignoring ") + var + "=" + bad + " (expected"),
+                std::string::npos)
+          << o.err;
+    }
+  }
+  // "never" is the FMA threshold's word only.
+  const Output amx_never =
+      run(unset + "MOEKIT_AMX_MIN_ROWS=never MOEKIT_DISPATCH_TEST_CHILD=thresholds", child);
+  EXPECT_EQ(amx_never.out, defaults.out);
+  EXPECT_NE(amx_never.err.find("ignoring MOEKIT_AMX_MIN_ROWS=never (expected an integer >= 1)"),
+            std::string::npos)
+      << amx_never.err;
 }
 
 TEST(DebugLog, MoekitIsaCapsAChildProcess) {

@@ -4,10 +4,12 @@
 // Each is an override set from code, else its environment variable (read once), else a default.
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 
 #include "dispatch/cpu_features.h"
+#include "dispatch/runtime.h"
 #include "kernels/moe/moe_amx.h"
 #include "kernels/moe/moe_microkernel.h"
 
@@ -15,14 +17,18 @@ namespace moekit {
 namespace {
 
 // A row count >= 1 from environment variable `name` ("never" where `never` > 0 is given), else
-// `fallback`.
+// `fallback`; any other value (0, negative, out of range, text) is reported and ignored.
 int64_t rows_from_env(const char* name, int64_t fallback, int64_t never = 0) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
   if (never > 0 && std::strcmp(v, "never") == 0) return never;
   char* end = nullptr;
+  errno = 0;
   const long long n = std::strtoll(v, &end, 10);
-  return end != v && *end == '\0' && n >= 1 ? static_cast<int64_t>(n) : fallback;
+  if (errno == 0 && end != v && *end == '\0' && n >= 1) return static_cast<int64_t>(n);
+  warn_ignored_env(name, v,
+                   never > 0 ? "expected an integer >= 1 or never" : "expected an integer >= 1");
+  return fallback;
 }
 
 // The override of one threshold: n > 0 wins over `configured`; 0 means none.

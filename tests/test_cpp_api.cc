@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "moekit/moekit.hpp"
@@ -59,6 +60,48 @@ TEST(CppApi, ExpertsAndWorkspaceAreOwned) {
   const double expected = 0.5 * 3.0 * 2.0 / (1.0 + std::exp(-2.0));
   EXPECT_NEAR(out[0], expected, 1e-5);
   EXPECT_NEAR(out[1], expected, 1e-5);
+}
+
+// Runs `f`, which must throw moekit::Error with MOEKIT_ERR_INVALID_ARGUMENT and a message
+// holding `words`.
+template <class F>
+void expect_invalid(F f, const std::string& words) {
+  try {
+    f();
+    ADD_FAILURE() << "expected moekit::Error mentioning '" << words << "'";
+  } catch (const moekit::Error& e) {
+    EXPECT_EQ(e.status(), MOEKIT_ERR_INVALID_ARGUMENT) << e.what();
+    EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+  }
+}
+
+TEST(CppApi, MakeWorkspaceThrowsForSizesOutOfRange) {
+  expect_invalid([] { moekit::make_workspace(-1, 2, 64, 32); }, "(M, k, H, I) = (-1, 2, 64, 32)");
+  expect_invalid([] { moekit::make_workspace(3, 5000, 64, 32); }, "out of range");
+  expect_invalid([] { moekit::make_workspace(3, 2, 64, 32, -1, 16); },
+                 "(M, k, H, I, S, I_s) = (3, 2, 64, 32, -1, 16)");
+  // In range, including M = 0 and no shared experts: a usable workspace.
+  EXPECT_NE(moekit::make_workspace(0, 2, 64, 32).get(), nullptr);
+  EXPECT_NE(moekit::make_workspace(3, 2, 64, 32, 0, 16).get(), nullptr);
+}
+
+TEST(CppApi, TensorTakesNullDataAndWholeStrides) {
+  // nullptr picks its own overload (void* and const void* would be ambiguous).
+  const moekit_tensor empty = moekit::tensor(nullptr, MOEKIT_F32, {0, 4});
+  EXPECT_EQ(empty.data, nullptr);
+  EXPECT_EQ(empty.ndim, 2);
+  EXPECT_EQ(empty.shape[1], 4);
+  std::vector<float> x(3 * 8);
+  const moekit_tensor strided = moekit::tensor(x.data(), MOEKIT_F32, {3, 4}, {8, 1});
+  EXPECT_EQ(strided.strides[0], 8);
+  EXPECT_EQ(strided.strides[1], 1);
+  // A stride per dimension or none: one stride for two dimensions would leave the inner one 0.
+  auto outer_stride_only = [&] { moekit::tensor(x.data(), MOEKIT_F32, {3, 4}, {8}); };
+  expect_invalid(outer_stride_only, "1 strides given for a 2-D shape");
+  auto extra_stride = [&] { moekit::tensor(x.data(), MOEKIT_F32, {3}, {1, 1}); };
+  expect_invalid(extra_stride, "2 strides given for a 1-D shape");
+  auto five_dims = [&] { moekit::tensor(x.data(), MOEKIT_F32, {1, 1, 1, 1, 1}); };
+  expect_invalid(five_dims, "a 5-D shape");
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #ifndef MOEKIT_MOEKIT_HPP_
 #define MOEKIT_MOEKIT_HPP_
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -28,11 +29,18 @@ inline void check(moekit_status status) {
   if (status != MOEKIT_OK) throw Error(status, moekit_last_error());
 }
 
-// A tensor description; `strides` empty means contiguous.
+// A tensor description; `strides` empty means contiguous, else it gives one stride per dimension.
 inline moekit_tensor tensor(void* data, moekit_dtype dtype, std::initializer_list<int64_t> shape,
                             std::initializer_list<int64_t> strides = {}) {
-  if (shape.size() > MOEKIT_MAX_DIMS || strides.size() > shape.size())
-    throw Error(MOEKIT_ERR_INVALID_ARGUMENT, "moekit::tensor: too many dimensions or strides");
+  if (shape.size() > MOEKIT_MAX_DIMS)
+    throw Error(MOEKIT_ERR_INVALID_ARGUMENT, "moekit::tensor: a " + std::to_string(shape.size()) +
+                                                 "-D shape (at most " +
+                                                 std::to_string(MOEKIT_MAX_DIMS) + " dimensions)");
+  // The C API reads a stride for every dimension; the missing ones would be 0.
+  if (strides.size() != 0 && strides.size() != shape.size())
+    throw Error(MOEKIT_ERR_INVALID_ARGUMENT,
+                "moekit::tensor: " + std::to_string(strides.size()) + " strides given for a " +
+                    std::to_string(shape.size()) + "-D shape (give none, or one per dimension)");
   moekit_tensor t{};
   t.data = data;
   t.dtype = dtype;
@@ -48,6 +56,14 @@ inline moekit_tensor tensor(const void* data, moekit_dtype dtype,
                             std::initializer_list<int64_t> shape,
                             std::initializer_list<int64_t> strides = {}) {
   return tensor(const_cast<void*>(data), dtype, shape, strides);
+}
+
+// No data: an empty tensor (the C API accepts null data when a dimension is 0). Without this
+// overload nullptr would match both of the above.
+inline moekit_tensor tensor(std::nullptr_t, moekit_dtype dtype,
+                            std::initializer_list<int64_t> shape,
+                            std::initializer_list<int64_t> strides = {}) {
+  return tensor(static_cast<void*>(nullptr), dtype, shape, strides);
 }
 
 struct ExpertsDeleter {
@@ -68,20 +84,38 @@ inline Experts pack_experts(const moekit_experts_desc& desc,
   return Experts(raw);
 }
 
-// A workspace large enough for fused MoE calls up to (M, k, H, I) with the current threads.
-inline Workspace make_workspace(int64_t M, int64_t k, int64_t H, int64_t I) {
+namespace detail {
+
+// The size functions answer 0 for arguments out of range (they set no message) and a real
+// workspace is never 0 bytes: say so rather than hand back an unusable 0-byte workspace.
+inline Workspace workspace_of(size_t bytes, const std::string& args) {
+  if (bytes == 0)
+    throw Error(MOEKIT_ERR_INVALID_ARGUMENT,
+                "moekit::make_workspace: " + args +
+                    " is out of range (negative, or larger than one call can pass)");
   moekit_workspace* raw = nullptr;
-  check(moekit_workspace_create(moekit_moe_workspace_size(M, k, H, I, moekit_num_threads()), &raw));
+  check(moekit_workspace_create(bytes, &raw));
   return Workspace(raw);
+}
+
+}  // namespace detail
+
+// A workspace large enough for fused MoE calls up to (M, k, H, I) with the current threads.
+// Throws moekit::Error (MOEKIT_ERR_INVALID_ARGUMENT) for sizes out of range.
+inline Workspace make_workspace(int64_t M, int64_t k, int64_t H, int64_t I) {
+  return detail::workspace_of(moekit_moe_workspace_size(M, k, H, I, moekit_num_threads()),
+                              "(M, k, H, I) = (" + std::to_string(M) + ", " + std::to_string(k) +
+                                  ", " + std::to_string(H) + ", " + std::to_string(I) + ")");
 }
 
 // The same with S shared experts of intermediate size I_s.
 inline Workspace make_workspace(int64_t M, int64_t k, int64_t H, int64_t I, int64_t S,
                                 int64_t I_s) {
-  moekit_workspace* raw = nullptr;
-  check(moekit_workspace_create(
-      moekit_moe_workspace_size_shared(M, k, H, I, S, I_s, moekit_num_threads()), &raw));
-  return Workspace(raw);
+  return detail::workspace_of(
+      moekit_moe_workspace_size_shared(M, k, H, I, S, I_s, moekit_num_threads()),
+      "(M, k, H, I, S, I_s) = (" + std::to_string(M) + ", " + std::to_string(k) + ", " +
+          std::to_string(H) + ", " + std::to_string(I) + ", " + std::to_string(S) + ", " +
+          std::to_string(I_s) + ")");
 }
 
 inline void rmsnorm(const moekit_tensor& x, const moekit_tensor& weight, float eps,

@@ -121,6 +121,7 @@ ModelConfig read_config(const std::string& dir) {
   if (c.num_experts_per_tok > c.num_local_experts)
     f.fail("num_experts_per_tok", "exceeds num_local_experts");
   c.vocab_size = f.positive("vocab_size", true);
+  c.max_position_embeddings = f.positive("max_position_embeddings", false, 0);
 
   // rotary_dim (hub field), else partial_rotary_factor * head_dim, else the whole head.
   if (f.has("rotary_dim")) {

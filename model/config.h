@@ -23,6 +23,7 @@ struct ModelConfig {
   bool use_routing_bias = true;
   bool use_qk_norm = true;
   int64_t vocab_size = 0;
+  int64_t max_position_embeddings = 0;  // 0: not in the config (no limit)
   bool tie_word_embeddings = false;
   double routed_scaling_factor = 1.0;  // read, not applied (nor is it by transformers)
   std::vector<int64_t> eos_token_ids;  // config.json / generation_config.json; may be empty

@@ -71,13 +71,31 @@ int32_t Sampler::next(const float* logits, int64_t vocab) {
 GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options) {
   const ModelConfig& c = model.config();
-  const int64_t V = c.vocab_size;
+  const int64_t V = c.vocab_size, P = static_cast<int64_t>(prompt.size());
+  const int64_t limit = c.max_position_embeddings;
+  // The same checks whether or not a forward runs, so that a bad prompt fails at any token limit.
+  for (int64_t t = 0; t < P; ++t)
+    if (prompt[t] < 0 || prompt[t] >= V)
+      throw ModelError("generate: token id " + std::to_string(prompt[t]) + " at " +
+                       std::to_string(t) + " is out of range [0, " + std::to_string(V) + ")");
+  if (limit > 0 && P > limit)
+    throw ModelError("generate: the prompt's " + std::to_string(P) +
+                     " tokens exceed max_position_embeddings (" + std::to_string(limit) + ")");
   GenerateResult r;
-  r.prompt_tokens = static_cast<int64_t>(prompt.size());
-  if (prompt.empty() || options.max_new_tokens < 1) return r;
+  // No token to generate: no prefill either (its only output would be that token's logits).
+  if (P == 0 || options.max_new_tokens < 1) return r;
+  // Each new token takes the next position; stop (and say so) rather than run past the limit.
+  const int64_t room = limit > 0 ? limit - P : options.max_new_tokens;
+  const int64_t max_new = std::min(options.max_new_tokens, room);
+  const bool capped = max_new < options.max_new_tokens;
+  if (max_new < 1) {
+    r.stopped_at_position_limit = true;
+    return r;
+  }
+  r.prompt_tokens = P;
   // The cache grows as needed; reserving for a huge token limit up front would fail needlessly.
   constexpr int64_t kInitialDecodeReserve = 256;
-  KvCache cache(model, r.prompt_tokens + std::min(options.max_new_tokens, kInitialDecodeReserve));
+  KvCache cache(model, P + std::min(max_new, kInitialDecodeReserve));
   Sampler sampler(options.sampling);
   std::vector<float> logits(static_cast<size_t>(V));
   auto is_eos = [&](int32_t id) {
@@ -101,7 +119,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     return r;
   }
   t0 = Clock::now();
-  while (static_cast<int64_t>(r.new_ids.size()) < options.max_new_tokens) {
+  while (static_cast<int64_t>(r.new_ids.size()) < max_new) {
     model.forward(&id, 1, &cache, logits.data(), false);
     ++r.decode_steps;
     id = take();
@@ -111,6 +129,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     }
   }
   r.decode_seconds = seconds_since(t0);
+  r.stopped_at_position_limit = capped && !r.stopped_at_eos;
   return r;
 }
 

@@ -1,5 +1,6 @@
 // Text generation over token ids: prefill the prompt, then decode token by token with the KV
-// cache; greedy or seeded temperature / top-k / top-p sampling; stop at EOS or the token limit.
+// cache; greedy or seeded temperature / top-k / top-p sampling; stop at EOS, the token limit or
+// the config's max_position_embeddings.
 #ifndef MOEKIT_MODEL_GENERATE_H_
 #define MOEKIT_MODEL_GENERATE_H_
 
@@ -42,12 +43,17 @@ struct GenerateResult {
   std::vector<int32_t> new_ids;
   std::vector<float> step_logits;  // [new tokens, vocab]: the logits that chose each token
   bool stopped_at_eos = false;
-  int64_t prompt_tokens = 0;
-  int64_t decode_steps = 0;  // forward calls after the prefill
+  // The prompt and the new tokens reached the config's max_position_embeddings before
+  // max_new_tokens (positions beyond it are outside what the model was trained on).
+  bool stopped_at_position_limit = false;
+  int64_t prompt_tokens = 0;  // tokens the prefill ran: 0 when it did not run
+  int64_t decode_steps = 0;   // forward calls after the prefill
   double prefill_seconds = 0;
   double decode_seconds = 0;
 };
 
+// Throws ModelError for a prompt id outside the vocabulary or a prompt longer than
+// max_position_embeddings, even when max_new_tokens < 1 (which runs no forward).
 GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options);
 

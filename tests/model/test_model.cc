@@ -396,6 +396,71 @@ TEST(Generate, StopsAtEos) {
   fs::remove_all(dir);
 }
 
+// max_new_tokens 0 runs no forward (so no prefill is reported) but still refuses a bad prompt.
+TEST(Generate, NoNewTokensRunsNoPrefillButChecksTheIds) {
+  auto model = load_model("bf16", GemmBackend::kOpenBlas);
+  moekit::m2::GenerateOptions o;
+  o.max_new_tokens = 0;
+  const moekit::m2::GenerateResult r = moekit::m2::generate(*model, {1, 2, 3}, o);
+  EXPECT_TRUE(r.new_ids.empty());
+  EXPECT_EQ(r.prompt_tokens, 0);
+  EXPECT_EQ(r.decode_steps, 0);
+  EXPECT_FALSE(r.stopped_at_position_limit);
+  try {
+    moekit::m2::generate(*model, {1, 99999}, o);
+    FAIL() << "no error";
+  } catch (const ModelError& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 99999 at 1 is out of range [0, 512)"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// Prompt and new tokens together stay within the config's max_position_embeddings.
+TEST(Generate, StopsAtMaxPositionEmbeddings) {
+  const fs::path dir = fs::path(testing::TempDir()) / "moekit_max_positions_model";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(model_dir("bf16") + "/model.safetensors", dir / "model.safetensors");
+  std::ifstream in(model_dir("bf16") + "/config.json");
+  nlohmann::json cfg = nlohmann::json::parse(in);
+  cfg["max_position_embeddings"] = 24;
+  std::ofstream(dir / "config.json") << cfg.dump();
+  auto model = Model::load(dir.string());
+  EXPECT_EQ(model->config().max_position_embeddings, 24);
+  const std::vector<int32_t> prompt = load_golden("bf16").prompt;  // 20 tokens
+  ASSERT_EQ(prompt.size(), 20u);
+  moekit::m2::GenerateOptions o;
+  o.stop_at_eos = false;
+  o.max_new_tokens = 4;  // exactly fills the 24 positions
+  const moekit::m2::GenerateResult fits = moekit::m2::generate(*model, prompt, o);
+  EXPECT_EQ(fits.new_ids.size(), 4u);
+  EXPECT_FALSE(fits.stopped_at_position_limit);
+  o.max_new_tokens = 8;
+  const moekit::m2::GenerateResult capped = moekit::m2::generate(*model, prompt, o);
+  EXPECT_EQ(capped.new_ids, fits.new_ids);
+  EXPECT_TRUE(capped.stopped_at_position_limit);
+  EXPECT_EQ(capped.decode_steps, 3);
+
+  // A prompt that fills every position leaves no room; a longer one is an error.
+  std::vector<int32_t> full = prompt;
+  full.insert(full.end(), {1, 2, 3, 4});
+  const moekit::m2::GenerateResult none = moekit::m2::generate(*model, full, o);
+  EXPECT_TRUE(none.new_ids.empty());
+  EXPECT_TRUE(none.stopped_at_position_limit);
+  EXPECT_EQ(none.prompt_tokens, 0);
+  full.push_back(5);
+  try {
+    moekit::m2::generate(*model, full, o);
+    FAIL() << "no error";
+  } catch (const ModelError& e) {
+    EXPECT_NE(std::string(e.what()).find("25 tokens exceed max_position_embeddings (24)"),
+              std::string::npos)
+        << e.what();
+  }
+  fs::remove_all(dir);
+}
+
 // ---- broken checkpoints ----------------------------------------------------------------------
 
 // A safetensors file as header JSON + data bytes, to be edited and written back.

@@ -2,7 +2,9 @@
 // With no arguments it runs the tiny model shipped with the sources on the golden fixture's
 // prompt. `--json` prints one JSON object with the tokens, the speeds, the peak RSS and the
 // kernel each op used.
+#include <cctype>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -51,7 +53,21 @@ long long parse_int(const char* flag, const char* s) {
   char* end = nullptr;
   errno = 0;
   const long long v = std::strtoll(s, &end, 10);
-  if (errno || end == s || *end) bad(std::string(flag) + ": '" + s + "' is not an integer");
+  if (end == s || *end) bad(std::string(flag) + ": '" + s + "' is not an integer");
+  if (errno == ERANGE) bad(std::string(flag) + ": '" + s + "' is out of range");
+  return v;
+}
+
+uint64_t parse_uint64(const char* flag, const char* s) {
+  const char* p = s;
+  while (std::isspace(static_cast<unsigned char>(*p))) ++p;
+  // strtoull would take "-1" as 2^64 - 1.
+  if (*p == '-') bad(std::string(flag) + ": '" + s + "' is negative");
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long v = std::strtoull(s, &end, 10);
+  if (end == s || *end) bad(std::string(flag) + ": '" + s + "' is not an integer");
+  if (errno == ERANGE) bad(std::string(flag) + ": '" + s + "' is out of range");
   return v;
 }
 
@@ -59,24 +75,30 @@ double parse_double(const char* flag, const char* s) {
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(s, &end);
-  if (errno || end == s || *end) bad(std::string(flag) + ": '" + s + "' is not a number");
+  if (end == s || *end) bad(std::string(flag) + ": '" + s + "' is not a number");
+  if (errno == ERANGE) bad(std::string(flag) + ": '" + s + "' is out of range");
   return v;
 }
 
+// Comma-separated ids; spaces are allowed around the commas only, so "1 2" is an error rather
+// than the id 12.
 std::vector<int32_t> parse_ids(const char* s) {
   std::vector<int32_t> ids;
-  std::string item;
   const std::string text(s);
-  for (size_t i = 0; i <= text.size(); ++i) {
-    if (i == text.size() || text[i] == ',') {
-      if (item.empty()) bad(std::string("--prompt-ids: empty item in '") + s + "'");
-      const long long v = parse_int("--prompt-ids", item.c_str());
-      if (v < 0 || v > INT32_MAX) bad("--prompt-ids: " + item + " is out of range");
-      ids.push_back(static_cast<int32_t>(v));
-      item.clear();
-    } else if (text[i] != ' ') {
-      item += text[i];
-    }
+  if (text.find_first_not_of(' ') == std::string::npos) bad("--prompt-ids: the prompt is empty");
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    size_t end = text.find(',', begin);
+    if (end == std::string::npos) end = text.size();
+    const size_t first = text.find_first_not_of(' ', begin);
+    const size_t last = text.find_last_not_of(' ', end == 0 ? 0 : end - 1);
+    if (first >= end || last == std::string::npos || last < first)
+      bad(std::string("--prompt-ids: empty item in '") + s + "'");
+    const std::string item = text.substr(first, last + 1 - first);
+    const long long v = parse_int("--prompt-ids", item.c_str());
+    if (v < 0 || v > INT32_MAX) bad("--prompt-ids: " + item + " is out of range");
+    ids.push_back(static_cast<int32_t>(v));
+    begin = end + 1;
   }
   return ids;
 }
@@ -90,7 +112,7 @@ int main(int argc, char** argv) {
   gen.max_new_tokens = 8;
   moekit::m2::LoadOptions load;
   int threads = 0;
-  bool quiet = false, json = false;
+  bool quiet = false, json = false, top_k_given = false, top_p_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* {
@@ -109,18 +131,25 @@ int main(int argc, char** argv) {
       if (gen.max_new_tokens < 0) bad("--max-new-tokens must be >= 0");
     } else if (a == "--temperature") {
       gen.sampling.temperature = static_cast<float>(parse_double("--temperature", value()));
+      // The sampler treats anything not > 0 as greedy: a typo must not silently mean that.
+      if (!std::isfinite(gen.sampling.temperature) || gen.sampling.temperature < 0.0f)
+        bad("--temperature must be a finite number >= 0");
     } else if (a == "--top-k") {
       gen.sampling.top_k = parse_int("--top-k", value());
       if (gen.sampling.top_k < 0) bad("--top-k must be >= 0");
+      top_k_given = true;
     } else if (a == "--top-p") {
       gen.sampling.top_p = static_cast<float>(parse_double("--top-p", value()));
       if (!(gen.sampling.top_p > 0.0f && gen.sampling.top_p <= 1.0f))
         bad("--top-p must be in (0, 1]");
+      top_p_given = true;
     } else if (a == "--seed") {
-      gen.sampling.seed = static_cast<uint64_t>(parse_int("--seed", value()));
+      gen.sampling.seed = parse_uint64("--seed", value());
     } else if (a == "--threads") {
-      threads = static_cast<int>(parse_int("--threads", value()));
-      if (threads < 1) bad("--threads must be >= 1");
+      // The range check on the wide value: a cast first would wrap 2^32 + 1 to 1.
+      const long long n = parse_int("--threads", value());
+      if (n < 1 || n > 4096) bad("--threads must be in [1, 4096]");
+      threads = static_cast<int>(n);
     } else if (a == "--gemm") {
       const std::string g = value();
       if (g == "openblas")
@@ -142,6 +171,11 @@ int main(int argc, char** argv) {
     }
   }
   if (prompt.empty()) bad("--prompt-ids: the prompt is empty");
+  if (gen.sampling.temperature == 0.0f && (top_k_given || top_p_given))
+    std::fprintf(stderr, "moekit-run: note: %s no effect with greedy decoding (--temperature 0)\n",
+                 top_k_given && top_p_given ? "--top-k and --top-p have"
+                 : top_k_given              ? "--top-k has"
+                                            : "--top-p has");
   if (threads > 0) {
     if (moekit_set_num_threads(threads) != MOEKIT_OK) bad(moekit_last_error());
     moekit::m2::DenseGemm::set_threads(threads);
@@ -160,6 +194,13 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  if (result.stopped_at_position_limit)
+    std::fprintf(stderr,
+                 "moekit-run: note: stopped after %zu of %lld new tokens at the model's "
+                 "max_position_embeddings (%lld)\n",
+                 result.new_ids.size(), static_cast<long long>(gen.max_new_tokens),
+                 static_cast<long long>(model->config().max_position_embeddings));
+
   const moekit::m2::LoadStats& ls = model->load_stats();
   const double prefill_tps =
       result.prefill_seconds > 0 ? result.prompt_tokens / result.prefill_seconds : 0;
@@ -172,6 +213,7 @@ int main(int argc, char** argv) {
     j["prompt_ids"] = prompt;
     j["generated_ids"] = result.new_ids;
     j["stopped_at_eos"] = result.stopped_at_eos;
+    j["stopped_at_position_limit"] = result.stopped_at_position_limit;
     j["prefill_tokens"] = result.prompt_tokens;
     j["decode_steps"] = result.decode_steps;
     j["prefill_tokens_per_s"] = prefill_tps;

@@ -71,7 +71,9 @@ typedef struct moekit_tensor {
 /* ---- library, errors, capabilities ------------------------------------------------------ */
 
 MOEKIT_API const char* moekit_version(void); /* "0.1.0" */
-/* The message of the last failed call on this thread ("" if none). */
+/* The message of the last failed call on this thread ("" if none). A successful call leaves it
+ * as it is. The pointer stays valid until the next failing call on the same thread (or the
+ * thread's exit); copy the text to keep it longer. */
 MOEKIT_API const char* moekit_last_error(void);
 MOEKIT_API const char* moekit_status_name(moekit_status status);
 MOEKIT_API const char* moekit_dtype_name(moekit_dtype dtype);
@@ -232,9 +234,10 @@ MOEKIT_API size_t moekit_experts_bytes(const moekit_experts* experts);
 /* Reusable scratch memory for moekit_fused_moe; create once, reuse for every call. A workspace
  * serves one call at a time: a call that finds it in use by another thread's call fails with
  * MOEKIT_ERR_INVALID_ARGUMENT (give each calling thread its own). Its size for (M, k, H, I,
- * threads) is moekit_moe_workspace_size(); threads <= 0 means moekit_num_threads() now. A call
- * whose workspace was sized for fewer threads than moekit_num_threads() runs on as many as it
- * holds (the thread count is process-wide and may have been raised since). */
+ * threads) is moekit_moe_workspace_size(), 0 for arguments out of range (no message is set);
+ * threads <= 0 means moekit_num_threads() now. A call whose workspace was sized for fewer
+ * threads than moekit_num_threads() runs on as many as it holds (the thread count is
+ * process-wide and may have been raised since). */
 typedef struct moekit_workspace moekit_workspace;
 MOEKIT_API size_t moekit_moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I,
                                             int threads);

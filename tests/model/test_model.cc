@@ -371,16 +371,25 @@ TEST(Sampler, SeededSamplingIsReproducibleAndRespectsCuts) {
   EXPECT_GT(differ, 0);  // the seed matters
 }
 
-TEST(Generate, StopsAtEos) {
-  // A copy of the tiny model whose config names the first greedy token as EOS.
-  const fs::path dir = fs::path(testing::TempDir()) / "moekit_eos_model";
+// A copy of the tiny bf16 model in a temporary folder `name`, its config.json edited by `edit`.
+fs::path edited_copy_of_tiny_model(const std::string& name,
+                                   const std::function<void(nlohmann::json&)>& edit) {
+  const fs::path dir = fs::path(testing::TempDir()) / name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   fs::copy_file(model_dir("bf16") + "/model.safetensors", dir / "model.safetensors");
   std::ifstream in(model_dir("bf16") + "/config.json");
   nlohmann::json cfg = nlohmann::json::parse(in);
-  cfg["eos_token_id"] = nlohmann::json::array({7, 405});
+  edit(cfg);
   std::ofstream(dir / "config.json") << cfg.dump();
+  return dir;
+}
+
+TEST(Generate, StopsAtEos) {
+  // A copy of the tiny model whose config names the first greedy token as EOS.
+  const fs::path dir = edited_copy_of_tiny_model("moekit_eos_model", [](nlohmann::json& c) {
+    c["eos_token_id"] = {7, 405};
+  });
   moekit::m2::LoadOptions lo;
   lo.expert_precision = ExpertPrecision::kF32;
   auto model = Model::load(dir.string(), lo);
@@ -418,14 +427,8 @@ TEST(Generate, NoNewTokensRunsNoPrefillButChecksTheIds) {
 
 // Prompt and new tokens together stay within the config's max_position_embeddings.
 TEST(Generate, StopsAtMaxPositionEmbeddings) {
-  const fs::path dir = fs::path(testing::TempDir()) / "moekit_max_positions_model";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  fs::copy_file(model_dir("bf16") + "/model.safetensors", dir / "model.safetensors");
-  std::ifstream in(model_dir("bf16") + "/config.json");
-  nlohmann::json cfg = nlohmann::json::parse(in);
-  cfg["max_position_embeddings"] = 24;
-  std::ofstream(dir / "config.json") << cfg.dump();
+  const fs::path dir = edited_copy_of_tiny_model(
+      "moekit_max_positions_model", [](nlohmann::json& c) { c["max_position_embeddings"] = 24; });
   auto model = Model::load(dir.string());
   EXPECT_EQ(model->config().max_position_embeddings, 24);
   const std::vector<int32_t> prompt = load_golden("bf16").prompt;  // 20 tokens

@@ -322,16 +322,16 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
                               shared ? shared->num_experts : 0, shared ? shared->inter : 0,
                               threads);
   };
-  int threads = num_threads();
-  size_t need = size_for(threads);
-  // A workspace sized for fewer threads (the count is process-wide: another thread may have
-  // raised it since) runs the call on as many as it holds.
-  while (ws != nullptr && ws->bytes < need && threads > 1) need = size_for(--threads);
+  // The size depends on the thread count too, which is process-wide. A workspace's bytes do
+  // not say whether it was sized for fewer threads or for a smaller shape, so one too small
+  // for either is refused rather than run on fewer threads.
+  const int threads = num_threads();
+  const size_t need = size_for(threads);
   if (ws != nullptr && ws->bytes < need)
     return c.invalid(
         "ws",
         "holds " + std::to_string(ws->bytes) + " bytes, the call needs " + std::to_string(need) +
-            " on one thread" +
+            " on " + std::to_string(threads) + " threads" +
             (shared ? " (moekit_moe_workspace_size_shared)" : " (moekit_moe_workspace_size)"));
   // Without a workspace the call's own scratch is obtained here, where a failure can still be
   // reported: the implementations return nothing. Query mode runs nothing and needs none.

@@ -50,6 +50,7 @@ bool overlaps(const moekit_tensor* a, const moekit_tensor* b) {
   uintptr_t alo, ahi, blo, bhi;
   byte_range(a, &alo, &ahi);
   byte_range(b, &blo, &bhi);
+  if (alo == ahi || blo == bhi) return false;  // an empty tensor touches no memory
   return alo < bhi && blo < ahi;
 }
 

@@ -912,6 +912,14 @@ TEST_F(MoeAlignApi, InputsInsideOutputs) {
                       fn, input, std::string("overlaps ") + output_names[o]);
       EXPECT_EQ(shared, before) << input << " inside " << output_names[o];
     }
+  // An empty ids tensor touches no memory, wherever its pointer lies.
+  std::vector<int32_t> buffer(capacity_, -5);
+  const moekit_tensor no_ids = make_tensor(buffer.data() + 1, MOEKIT_I32, {0, 2});
+  moekit_tensor sorted_in_buffer = make_tensor(buffer.data(), MOEKIT_I32, {capacity_});
+  reset_error();
+  EXPECT_EQ(moekit_moe_align(&no_ids, kE, nullptr, kBlock, &sorted_in_buffer, &blocks, &rows),
+            MOEKIT_OK)
+      << moekit_last_error();
 }
 
 // ---- packing, workspace, fused MoE ---------------------------------------------------------
@@ -1227,13 +1235,19 @@ TEST_F(FusedMoeApi, WorkspaceTooSmall) {
       << moekit_last_error();
   const std::vector<float> full(y_, y_ + kM * kH);
   moekit_workspace_free(ws);
-  // One sized for a single thread (as if moekit_set_num_threads was raised after it was made)
-  // runs the call on one thread: the same bits.
-  ASSERT_EQ(moekit_workspace_create(need_one, &ws), MOEKIT_OK);
-  std::fill(y_, y_ + kM * kH, -1.0f);
-  EXPECT_EQ(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), MOEKIT_OK)
-      << moekit_last_error();
-  EXPECT_EQ(std::vector<float>(y_, y_ + kM * kH), full);
+  // One sized for fewer threads than the call runs on (as if moekit_set_num_threads was raised
+  // after it was made) is refused, naming the size and the thread count.
+  if (moekit_num_threads() > 1 && need_one < need) {
+    ASSERT_EQ(moekit_workspace_create(need_one, &ws), MOEKIT_OK);
+    std::fill(y_, y_ + kM * kH, -1.0f);
+    reset_error();
+    const std::string threads = "on " + std::to_string(moekit_num_threads()) + " threads";
+    EXPECT_TRUE(Rejected(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), fn, "ws",
+                         threads.c_str()));
+    EXPECT_EQ(std::vector<float>(y_, y_ + kM * kH), std::vector<float>(kM * kH, -1.0f));
+    moekit_workspace_free(ws);
+  }
+  ASSERT_EQ(moekit_workspace_create(need, &ws), MOEKIT_OK);
   // A workspace in use by another call is refused, not shared (white box: the flag the entry
   // point sets for the length of a call).
   ws->busy = true;
@@ -1244,6 +1258,7 @@ TEST_F(FusedMoeApi, WorkspaceTooSmall) {
   EXPECT_EQ(std::vector<float>(y_, y_ + kM * kH), std::vector<float>(kM * kH, -1.0f));
   ws->busy = false;
   EXPECT_EQ(moekit_fused_moe(experts_, &x, &tw, &ti, nullptr, ws, &y), MOEKIT_OK);
+  EXPECT_EQ(std::vector<float>(y_, y_ + kM * kH), full);
   moekit_workspace_free(ws);
 }
 

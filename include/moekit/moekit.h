@@ -235,9 +235,9 @@ MOEKIT_API size_t moekit_experts_bytes(const moekit_experts* experts);
  * serves one call at a time: a call that finds it in use by another thread's call fails with
  * MOEKIT_ERR_INVALID_ARGUMENT (give each calling thread its own). Its size for (M, k, H, I,
  * threads) is moekit_moe_workspace_size(), 0 for arguments out of range (no message is set);
- * threads <= 0 means moekit_num_threads() now. A call whose workspace was sized for fewer
- * threads than moekit_num_threads() runs on as many as it holds (the thread count is
- * process-wide and may have been raised since). */
+ * threads <= 0 means moekit_num_threads() now. The thread count is process-wide: a call runs
+ * on moekit_num_threads() threads, and a workspace sized for fewer is refused with the size
+ * it needs. */
 typedef struct moekit_workspace moekit_workspace;
 MOEKIT_API size_t moekit_moe_workspace_size(int64_t M, int64_t k, int64_t H, int64_t I,
                                             int threads);

@@ -77,6 +77,12 @@ uint16_t load_u16(const unsigned char* p, int64_t i) {
   return v;
 }
 
+void expect_float_dtype(const TensorInfo& t) {
+  if (t.dtype != "F32" && t.dtype != "BF16" && t.dtype != "F16")
+    throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
+                     ", expected a float dtype (F32, BF16, F16)");
+}
+
 // Widens an F32 / BF16 / F16 tensor to f32. Tensor data sits wherever the header put it,
 // possibly unaligned, so every element is read through memcpy.
 void widen(const TensorInfo& t, float* out) {
@@ -96,8 +102,7 @@ void widen(const TensorInfo& t, float* out) {
       out[i] = sign ? -v : v;
     }
   } else {
-    throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
-                     ", expected a float dtype (F32, BF16, F16)");
+    expect_float_dtype(t);
   }
 }
 
@@ -131,10 +136,6 @@ const TensorInfo& fp8_scales(const Checkpoint& ck, const ModelConfig& c, const T
   return *s;
 }
 
-bool is_float_dtype(const std::string& dtype) {
-  return dtype == "F32" || dtype == "BF16" || dtype == "F16";
-}
-
 // Every tensor that load_weights reads, checked (present, shape, dtype, FP8 scale table) before
 // anything is allocated: a config.json that disagrees with its checkpoint fails here, naming the
 // tensor, instead of after allocating the sizes the config asks for.
@@ -142,9 +143,7 @@ void check_tensors(const Checkpoint& ck, const ModelConfig& c) {
   auto vector = [&](const std::string& name, int64_t n) {
     const TensorInfo& t = ck.get(name);
     expect_shape(t, {n});
-    if (!is_float_dtype(t.dtype))
-      throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
-                       ", expected a float dtype (F32, BF16, F16)");
+    expect_float_dtype(t);
   };
   // Expert weights go to moekit_experts_pack, which takes no F16.
   auto matrix = [&](const std::string& name, int64_t N, int64_t K, bool expert = false) {
@@ -152,9 +151,11 @@ void check_tensors(const Checkpoint& ck, const ModelConfig& c) {
     expect_shape(t, {N, K});
     if (t.dtype == "F8_E4M3")
       fp8_scales(ck, c, t);
-    else if (!is_float_dtype(t.dtype) || (expert && t.dtype == "F16"))
-      throw ModelError(tensor_where(t) + " has dtype " + t.dtype + ", expected " +
-                       (expert ? "BF16, F32 or F8_E4M3" : "F32, BF16, F16 or F8_E4M3"));
+    else if (expert && t.dtype != "BF16" && t.dtype != "F32")
+      throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
+                       ", expected BF16, F32 or F8_E4M3");
+    else
+      expect_float_dtype(t);
   };
   const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_local_experts;
   const int64_t qw = c.q_width(), kvw = c.kv_width(), V = c.vocab_size;
@@ -347,12 +348,9 @@ void Model::load_weights(const std::string& dir, const LoadOptions& options) {
     std::string first_dtype;
     for (int64_t e = 0; e < E; ++e)
       for (int i = 0; i < 3; ++i) {
+        // Shape and dtype were checked by check_tensors; the dtype must also be the layer's.
         const TensorInfo& t =
             ck.get(moe + "experts." + std::to_string(e) + "." + kNames[i] + ".weight");
-        expect_shape(t, i == 2 ? std::vector<int64_t>{H, I} : std::vector<int64_t>{I, H});
-        if (t.dtype != "BF16" && t.dtype != "F32" && t.dtype != "F8_E4M3")
-          throw ModelError(tensor_where(t) + " has dtype " + t.dtype +
-                           ", expected BF16, F32 or F8_E4M3");
         if (first_dtype.empty()) first_dtype = t.dtype;
         if (t.dtype != first_dtype)
           throw ModelError(tensor_where(t) + " has dtype " + t.dtype +

@@ -317,16 +317,13 @@ moekit_status fused_moe_entry(const Checker& c, const moekit_experts* experts,
     if (moekit_status s = c.dims("shared_scale", shared_scale, {M})) return s;
     if (overlaps(out, shared_scale)) return c.invalid("out", "overlaps shared_scale in memory");
   }
-  const auto size_for = [&](int threads) {  // S = 0: the routed-only size
-    return moe_workspace_size(M, k, experts->hidden, experts->inter,
-                              shared ? shared->num_experts : 0, shared ? shared->inter : 0,
-                              threads);
-  };
   // The size depends on the thread count too, which is process-wide. A workspace's bytes do
   // not say whether it was sized for fewer threads or for a smaller shape, so one too small
   // for either is refused rather than run on fewer threads.
   const int threads = num_threads();
-  const size_t need = size_for(threads);
+  const size_t need =  // S = 0: the routed-only size
+      moe_workspace_size(M, k, experts->hidden, experts->inter, shared ? shared->num_experts : 0,
+                         shared ? shared->inter : 0, threads);
   if (ws != nullptr && ws->bytes < need)
     return c.invalid(
         "ws",

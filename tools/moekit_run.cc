@@ -2,6 +2,7 @@
 // With no arguments it runs the tiny model shipped with the sources on the golden fixture's
 // prompt. `--json` prints one JSON object with the tokens, the speeds, the peak RSS and the
 // kernel each op used.
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -86,15 +87,12 @@ std::vector<int32_t> parse_ids(const char* s) {
   std::vector<int32_t> ids;
   const std::string text(s);
   if (text.find_first_not_of(' ') == std::string::npos) bad("--prompt-ids: the prompt is empty");
-  size_t begin = 0;
-  while (begin <= text.size()) {
-    size_t end = text.find(',', begin);
-    if (end == std::string::npos) end = text.size();
+  for (size_t begin = 0; begin <= text.size();) {
+    const size_t end = std::min(text.find(',', begin), text.size());
     const size_t first = text.find_first_not_of(' ', begin);
-    const size_t last = text.find_last_not_of(' ', end == 0 ? 0 : end - 1);
-    if (first >= end || last == std::string::npos || last < first)
-      bad(std::string("--prompt-ids: empty item in '") + s + "'");
-    const std::string item = text.substr(first, last + 1 - first);
+    if (first >= end) bad(std::string("--prompt-ids: empty item in '") + s + "'");
+    // first < end, so the item holds a character that is not a space at or after `first`.
+    const std::string item = text.substr(first, text.find_last_not_of(' ', end - 1) + 1 - first);
     const long long v = parse_int("--prompt-ids", item.c_str());
     if (v < 0 || v > INT32_MAX) bad("--prompt-ids: " + item + " is out of range");
     ids.push_back(static_cast<int32_t>(v));
